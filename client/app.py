@@ -1,0 +1,46 @@
+"""fedus ClientApp: a site distils (train) and evaluates (evaluate) the global student.
+
+Which site this node is comes from Flower's node_config: `partition-id` in
+simulation (index into the sorted site list), or `site-name` + `data-path`
+(the site's own manifest) in deployment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client.replies import build_reply, site_facts
+from fedus.config import RunConfig
+from fedus.site import Site, get_site
+
+app = ClientApp()
+
+
+def site_for(context: Context) -> Site:
+    cfg = RunConfig.from_flat(context.run_config)
+    node = context.node_config
+    if "data-path" in node:
+        path = Path(str(node["data-path"])).expanduser()
+        manifest = path / "manifest.csv" if path.is_dir() else path
+        return get_site(cfg, str(node.get("site-name", "")) or None, manifest)
+    return get_site(cfg, int(node["partition-id"]))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = site_for(context)
+    sent = msg.content["arrays"].to_torch_state_dict()
+    state, metrics = site.train(sent, int(msg.content["config"]["server-round"]))
+    expected = {k: v.shape for k, v in sent.items()}
+    return build_reply(msg, metrics, site_facts(site.name, site.describe()), state, expected)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = site_for(context)
+    state = msg.content["arrays"].to_torch_state_dict()
+    metrics = site.evaluate(state, int(msg.content["config"]["server-round"]))
+    return build_reply(msg, metrics, site_facts(site.name, site.describe()))

@@ -1,0 +1,74 @@
+"""The one place that builds what leaves a site.
+
+A reply may carry the student's weights (keys and shapes exactly those of the
+student that was sent), scalar metrics, and a few aggregate facts about the
+site (counts, class names). Anything else - an image-shaped array, a string
+that is a path, a per-image list - is refused here, before it can be sent.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from server.strategy import SITE_RECORD
+
+
+class EgressViolation(RuntimeError):
+    """Raised instead of sending something that must not leave the site."""
+
+
+def _check_arrays(state: dict[str, torch.Tensor], expected: dict[str, torch.Size] | None) -> None:
+    if expected is not None:
+        if set(state) != set(expected):
+            raise EgressViolation("reply arrays do not match the student that was sent")
+        bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k])]
+        if bad:
+            raise EgressViolation(f"reply array shapes differ from the student's: {bad[:3]}")
+
+
+def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EgressViolation(f"metric '{key}' is not a scalar number")
+        out[key] = value
+    return out
+
+
+def _check_site_facts(facts: dict) -> dict:
+    out = {}
+    for key, value in facts.items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, str) and (os.sep in v or os.path.exists(v) or len(v) > 120):
+                raise EgressViolation(f"site fact '{key}' looks like a path or free text")
+        if isinstance(value, list) and len(value) > 64:
+            raise EgressViolation(f"site fact '{key}' is a long list (per-image values?)")
+        out[key] = value
+    return out
+
+
+def site_facts(name: str, describe: dict) -> dict:
+    """Flatten `Site.describe()` into ConfigRecord-friendly values (no nested dicts)."""
+    facts = {"name": name, "n_train": describe["n_train"], "n_test": describe["n_test"],
+             "classes": list(describe["classes"]) or [""], "has_masks": bool(describe["has_masks"])}
+    for reason, count in describe.get("skipped", {}).items():
+        facts[f"skipped_{reason}"] = int(count)
+    return facts
+
+
+def build_reply(
+    msg: Message,
+    metrics: dict[str, float],
+    facts: dict,
+    state: dict[str, torch.Tensor] | None = None,
+    expected: dict[str, torch.Size] | None = None,
+) -> Message:
+    content = RecordDict({"metrics": MetricRecord(_check_metrics(metrics)), SITE_RECORD: ConfigRecord(_check_site_facts(facts))})
+    if state is not None:
+        _check_arrays(state, expected)
+        content["arrays"] = ArrayRecord(state)
+    return Message(content, reply_to=msg)

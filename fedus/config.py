@@ -1,0 +1,190 @@
+"""One typed run config, loaded from TOML and overridable from the CLI or Flower.
+
+The same object travels three ways: a scenario TOML file (`simulations/`),
+`key=value` overrides from the command line, and Flower's flat `run_config`
+(dotted, kebab-case keys such as `train.batch-size`). Keeping one schema for all
+three means a value set anywhere is validated the same way.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake (printed as one line by the CLI)."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=_kebab, populate_by_name=True, validate_assignment=True
+    )
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "manifest"] = "synthetic"
+    manifest: str = Field("", description="manifest CSV (absolute path) when source = manifest")
+    site_column: str = Field("center", description="manifest column that names the site")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    image_size: int = Field(64, ge=16)
+    synthetic_centres: int = Field(3, ge=1)
+    synthetic_images_per_centre: int = Field(120, ge=10)
+    max_images_per_site: int = Field(0, ge=0, description="0 = all; caps CI-sized runs")
+
+
+class TeacherConfig(_Section):
+    arch: str = "vit_tiny_patch16_224"
+    weights: str = Field("", description="local .safetensors/.pth file; empty = random init")
+    source: str = Field(
+        "random init (no weights given); not a foundation model",
+        description="where the weights came from; printed on every report",
+    )
+    blocks: str = Field("2", description="'N' = last N blocks, or '4,8,12' = block indices")
+    combine: Literal["mean", "concat"] = "mean"
+
+
+class StudentConfig(_Section):
+    arch: str = "resnet18"
+    head_hidden: int = Field(4096, ge=1)
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(32, ge=1)
+    local_steps: int = Field(20, ge=1, description="optimiser steps per site per round")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    mixup: bool = True
+    augment: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool = False
+    num_workers: int = Field(0, ge=0)
+
+
+class FederationConfig(_Section):
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    min_sites: int = Field(1, ge=1)
+    round_timeout: float = Field(3600.0, gt=0)
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(64, ge=1)
+    probe_rounds: str = Field("first,last", description="'first,last', 'all' or '0,5,10'")
+    seg_probe_steps: int = Field(150, ge=1)
+
+
+class RunConfig(_Section):
+    rounds: int = Field(3, ge=1)
+    seed: int = 0
+    run_dir: str = ""
+    scenario: str = "custom"
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    eval: EvalConfig = EvalConfig()
+
+    # --- construction -------------------------------------------------------
+    @classmethod
+    def from_dict(cls, nested: dict[str, Any]) -> "RunConfig":
+        try:
+            return cls.model_validate(nested)
+        except ValidationError as err:
+            raise ConfigError(_one_line(err)) from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "RunConfig":
+        return cls.from_dict(read_toml(path).get("run", {}))
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> "RunConfig":
+        """From Flower's `context.run_config` (dotted kebab keys)."""
+        return cls.from_dict(unflatten(flat))
+
+    # --- export ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
+
+    def to_flat(self) -> dict[str, Any]:
+        return flatten(self.to_dict())
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "RunConfig":
+        """Apply `section.key=value` overrides (TOML values; bare words are strings)."""
+        flat = self.to_flat()
+        items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+        for key, value in items:
+            key = _kebab(key)
+            if key not in flat:
+                raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(flat))})")
+            flat[key] = value
+        return RunConfig.from_flat(flat)
+
+    def probe_at(self, server_round: int) -> bool:
+        """Whether the frozen-feature probes run at this round (they are the slow part)."""
+        spec = self.eval.probe_rounds.replace(" ", "")
+        if spec == "all":
+            return True
+        wanted = set(spec.split(","))
+        return (
+            ("first" in wanted and server_round == 0)
+            or ("last" in wanted and server_round == self.rounds)
+            or str(server_round) in wanted
+        )
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML ({err})") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare word, e.g. teacher.arch=resnet50
+    return key, value
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"invalid config value for '{where}': {first['msg']}{more}"

@@ -1,0 +1,102 @@
+"""The site training step: global student in, locally distilled student out.
+
+This is all a hospital's data is used for during a round; what it returns
+(weights + a handful of scalars) is everything that leaves the site.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedus.config import TrainConfig
+from fedus.distill.losses import mixup, token_mse
+from fedus.models import Student, Teacher
+
+
+@dataclass
+class StepResult:
+    state: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on CUDA ('auto' or 'bf16'); fp32 on CPU, where bf16 is slower."""
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def distill_loss_on(student: Student, teacher: Teacher, images: torch.Tensor, precision: str) -> float:
+    """Loss on a fixed batch in eval mode: comparable before/after, unlike noisy training losses."""
+    was_training = student.training
+    student.eval()
+    with autocast_for(images.device, precision):
+        loss = token_mse(student(images), teacher(images)).item()
+    student.train(was_training)
+    return loss
+
+
+def site_step(
+    student: Student,
+    teacher: Teacher,
+    train_set: Dataset,
+    reference_images: torch.Tensor,
+    cfg: TrainConfig,
+    seed: int,
+    device: torch.device,
+) -> StepResult:
+    """Distil for `cfg.local_steps` AdamW steps on the site's (augmented) training images."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+        drop_last=len(train_set) >= cfg.batch_size, num_workers=cfg.num_workers,
+    )
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    student.to(device, memory_format=memory_format).train()
+    teacher.to(device, memory_format=memory_format)
+    reference_images = reference_images.to(device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    loss_before = distill_loss_on(student, teacher, reference_images, cfg.precision)
+    losses: list[float] = []
+    seen, start = 0, time.perf_counter()
+    batches = iter(loader)
+    for _ in range(cfg.local_steps):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
+        if cfg.mixup and images.shape[0] > 1:
+            images = mixup(images, generator)
+        with autocast_for(device, cfg.precision):
+            loss = token_mse(student(images), teacher(images))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        seen += images.shape[0]
+    seconds = time.perf_counter() - start
+    loss_after = distill_loss_on(student, teacher, reference_images, cfg.precision)
+
+    k = max(1, min(3, len(losses) // 3))
+    metrics = {
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "train_loss_first": sum(losses[:k]) / k,
+        "train_loss_last": sum(losses[-k:]) / k,
+        "num-examples": len(train_set),
+        "examples_seen": seen,
+        "steps": len(losses),
+        "seconds": seconds,
+        "images_per_s": seen / max(seconds, 1e-9),
+    }
+    state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    return StepResult(state=state, metrics=metrics)

@@ -1,0 +1,1 @@
+"""Per-site evaluation: agreement with the teacher and frozen-feature probes."""

@@ -1,0 +1,51 @@
+"""The student: any timm backbone + a token-wise projection head aligned to the teacher's grid."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedus.config import StudentConfig
+from fedus.models.backbones import Normalize, create_backbone, feature_maps
+
+
+class TokenHead(nn.Module):
+    """Two-layer MLP applied to every token (1x1 convs = per-position Linear)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, out_dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Student(nn.Module):
+    """`encode` gives the deployable encoder's map; `forward` gives tokens on the teacher's grid."""
+
+    def __init__(self, backbone: nn.Module, head_hidden: int, teacher_dim: int, teacher_grid: tuple[int, int], image_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.normalize = Normalize(backbone)
+        self.teacher_grid = tuple(teacher_grid)
+        with torch.no_grad():
+            self.dim = self.encode(torch.zeros(1, 3, image_size, image_size)).shape[1]
+        self.head = TokenHead(self.dim, head_hidden, teacher_dim)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return feature_maps(self.backbone, self.normalize(x), 1)[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.head(self.encode(x))
+        if tokens.shape[-2:] != self.teacher_grid:
+            tokens = F.interpolate(tokens, size=self.teacher_grid, mode="bilinear", align_corners=False)
+        return tokens.flatten(2).transpose(1, 2)
+
+
+def create_student(cfg: StudentConfig, teacher_dim: int, teacher_grid: tuple[int, int], image_size: int, seed: int) -> Student:
+    """Seeded, so the server and every site agree on the round-0 student."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = create_backbone(cfg.arch, image_size)
+        return Student(backbone, cfg.head_hidden, teacher_dim, teacher_grid, image_size)

@@ -1,0 +1,98 @@
+"""The run directory: global checkpoints per round and a summary JSON, written atomically.
+
+The summary is the single source for reports; it is rewritten after every
+round so a crashed or running run can still be reported on (as incomplete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedus import __version__
+from fedus.config import RunConfig
+from fedus.models import save_state
+
+SUMMARY = "summary.json"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def default_run_dir(scenario: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return (Path.cwd() / "runs" / f"{scenario}-{stamp}").resolve()
+
+
+def provenance(cfg: RunConfig, data_description: str, student_params: int) -> dict[str, Any]:
+    """What every figure must carry: which teacher (and whose weights), which data, splits, seed."""
+    t = cfg.teacher
+    return {
+        "teacher": {"arch": t.arch, "weights": t.weights or "none (random init)", "source": t.source, "blocks": t.blocks, "combine": t.combine},
+        "student": {"arch": cfg.student.arch, "init": f"random init, seed {cfg.seed}", "params": student_params},
+        "data": {"source": data_description, "manifest": cfg.data.manifest, "site_column": cfg.data.site_column,
+                 "image_size": cfg.data.image_size},
+        "splits": (f"per site, grouped by patient_id and near-duplicate groups (no group on both sides), "
+                   f"label-stratified by group, test fraction {cfg.data.test_fraction}, seed {cfg.seed}"),
+        "seed": cfg.seed,
+    }
+
+
+def describe_data(cfg: RunConfig) -> str:
+    d = cfg.data
+    if d.source == "synthetic":
+        return (f"synthetic B-mode (fedus built-in generator: {d.synthetic_centres} centres x "
+                f"{d.synthetic_images_per_centre} images, seed {cfg.seed})")
+    return f"manifest {d.manifest} (sites = '{d.site_column}' column)"
+
+
+class RunRecorder:
+    def __init__(self, run_dir: str | Path, cfg: RunConfig, prov: dict[str, Any]):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.summary: dict[str, Any] = {
+            "fedus_version": __version__, "status": "running", "started": now(), "finished": None,
+            "scenario": cfg.scenario, "config": cfg.to_dict(), "provenance": prov, "sites": {}, "rounds": [],
+        }
+        self.flush()
+
+    def _round(self, server_round: int) -> dict[str, Any]:
+        for entry in self.summary["rounds"]:
+            if entry["round"] == server_round:
+                return entry
+        entry = {"round": server_round}
+        self.summary["rounds"].append(entry)
+        self.summary["rounds"].sort(key=lambda e: e["round"])
+        return entry
+
+    def record_sites(self, sites: dict[str, dict[str, Any]]) -> None:
+        self.summary["sites"].update(sites)
+
+    def record(self, server_round: int, kind: str, per_site: dict[str, dict[str, float]], failed: int = 0) -> None:
+        entry = self._round(server_round)
+        entry.setdefault(kind, {}).update(per_site)
+        entry.setdefault("aggregate", {})[f"{kind}_sites_replied"] = len(per_site)
+        entry["aggregate"][f"{kind}_sites_failed"] = failed
+        self.flush()
+
+    def checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Path:
+        name = f"global-round-{server_round:03d}.safetensors"
+        path = save_state(state, self.dir / name, metadata={"round": str(server_round), "fedus": __version__})
+        self._round(server_round)["checkpoint"] = name
+        self.flush()
+        return path
+
+    def finish(self, status: str = "completed") -> None:
+        self.summary.update(status=status, finished=now())
+        self.flush()
+
+    def flush(self) -> None:
+        tmp = self.dir / f".{SUMMARY}.tmp"
+        tmp.write_text(json.dumps(self.summary, indent=1, default=float))
+        os.replace(tmp, self.dir / SUMMARY)

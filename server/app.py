@@ -1,0 +1,41 @@
+"""fedus ServerApp: initial student from config + seed, FedAvg over sites, a run record every round."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedus.config import RunConfig
+from fedus.runs import RunRecorder, default_run_dir, describe_data, provenance
+from fedus.site import initial_student
+from server.strategy import FedusFedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_flat(context.run_config)
+    run_dir = cfg.run_dir or str(default_run_dir(cfg.scenario))
+    student = initial_student(cfg)
+    n_params = sum(p.numel() for p in student.parameters())
+    recorder = RunRecorder(run_dir, cfg, provenance(cfg, describe_data(cfg), n_params))
+    arrays = ArrayRecord(student.state_dict())
+    recorder.checkpoint(0, student.state_dict())
+
+    fed = cfg.federation
+    strategy = FedusFedAvg(
+        cfg, recorder,
+        fraction_train=fed.fraction_train, fraction_evaluate=1.0,
+        min_train_nodes=fed.min_sites, min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
+    )
+    try:
+        strategy.evaluate_initial(grid, arrays, timeout=fed.round_timeout)
+        strategy.start(
+            grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds, timeout=fed.round_timeout,
+            train_config=ConfigRecord({"rounds": cfg.rounds}), evaluate_config=ConfigRecord({"rounds": cfg.rounds}),
+        )
+    except BaseException:
+        recorder.finish("failed")
+        raise
+    recorder.finish("completed")
