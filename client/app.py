@@ -42,5 +42,6 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     site = site_for(context)
     state = msg.content["arrays"].to_torch_state_dict()
-    metrics = site.evaluate(state, int(msg.content["config"]["server-round"]))
-    return build_reply(msg, metrics, site_facts(site.name, site.describe()))
+    scores = site.evaluate(state, int(msg.content["config"]["server-round"]))
+    common = {k: scores.pop(k) for k in ("cos", "mse", "num-examples")}
+    return build_reply(msg, common, site_facts(site.name, site.describe()), site_scores=scores)

@@ -13,7 +13,7 @@ import os
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from server.strategy import SITE_RECORD
+from server.strategy import SCORES_RECORD, SITE_RECORD
 
 
 class EgressViolation(RuntimeError):
@@ -66,8 +66,13 @@ def build_reply(
     facts: dict,
     state: dict[str, torch.Tensor] | None = None,
     expected: dict[str, torch.Size] | None = None,
+    site_scores: dict[str, float] | None = None,
 ) -> Message:
+    """`metrics` must have the same keys at every site (Flower aggregates them);
+    `site_scores` are the site-specific ones (probes exist only where labels/masks do)."""
     content = RecordDict({"metrics": MetricRecord(_check_metrics(metrics)), SITE_RECORD: ConfigRecord(_check_site_facts(facts))})
+    if site_scores:
+        content[SCORES_RECORD] = ConfigRecord(_check_metrics(site_scores))
     if state is not None:
         _check_arrays(state, expected)
         content["arrays"] = ArrayRecord(state)

@@ -9,6 +9,7 @@ schedules the sites; fedus never schedules anything itself.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -38,8 +39,35 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_DEDUP_LOGS="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(APP_ROOT), env.get("PYTHONPATH", "")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(APP_ROOT), env.get("PYTHONPATH", "")])),
+               # Flower spawns flower-superexec / flwr-serverapp by name: the venv must be on PATH
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
     return env
+
+
+class SimulationError(RuntimeError):
+    """The Flower run failed; the message names the log to read."""
+
+
+def kill_flower_home(flwr_home: Path) -> list[int]:
+    """Kill processes Flower detached into their own sessions (SuperExec, ServerApp) for this run.
+
+    They are found by the private FLWR_HOME in their environment, so nothing
+    belonging to another run or user is touched.
+    """
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    killed = []
+    for pid_dir in Path("/proc").glob("[0-9]*"):
+        pid = int(pid_dir.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if marker in (pid_dir / "environ").read_bytes().split(b"\0"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        except (OSError, PermissionError):
+            continue
+    return killed
 
 
 def _bin(name: str) -> str:
@@ -79,7 +107,7 @@ def local_superlink(run_dir: Path, env: dict[str, str], startup_timeout: float =
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"SuperLink exited with {proc.returncode}; see {run_dir / 'superlink.log'}")
+                raise SimulationError(f"SuperLink exited with {proc.returncode}; see {run_dir / 'superlink.log'}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                     if r.status == 200:
@@ -87,11 +115,12 @@ def local_superlink(run_dir: Path, env: dict[str, str], startup_timeout: float =
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"SuperLink not ready after {startup_timeout:.0f}s")
+                raise SimulationError(f"SuperLink not ready after {startup_timeout:.0f}s")
             time.sleep(0.5)
         yield f"127.0.0.1:{port}"
     finally:
         kill_group(proc)
+        kill_flower_home(Path(env["FLWR_HOME"]))
         log.close()
 
 
@@ -113,8 +142,12 @@ def simulate(cfg: RunConfig, num_sites: int, run_dir: Path, timeout: float = 360
         cmd = [_bin("flwr"), "run", str(APP_ROOT), "fedus-sim", "--stream",
                "--federation-config", federation, "--run-config", str(run_dir / "run-config.toml")]
         _stream(cmd, env, run_dir / "flwr-run.log", cfg.rounds, timeout)
-    if not (run_dir / "summary.json").is_file():
-        raise RuntimeError(f"the simulation wrote no summary; see {run_dir / 'flwr-run.log'}")
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        raise SimulationError(f"the simulation wrote no summary; see {run_dir / 'flwr-run.log'}")
+    status = json.loads(summary.read_text()).get("status")
+    if status != "completed":  # `flwr run --stream` exits 0 even when the ServerApp raised
+        raise SimulationError(f"the run ended '{status}'; see {run_dir / 'flwr-run.log'}")
 
 
 def _stream(cmd: list[str], env: dict[str, str], log_path: Path, rounds: int, timeout: float) -> None:
@@ -132,10 +165,10 @@ def _stream(cmd: list[str], env: dict[str, str], log_path: Path, rounds: int, ti
                     bar.advance(int(m.group(1)) - 1 - done)
                     done = int(m.group(1)) - 1
                 if time.monotonic() - start > timeout:
-                    raise TimeoutError(f"simulation exceeded {timeout:.0f}s")
+                    raise SimulationError(f"simulation exceeded {timeout:.0f}s")
             proc.wait()
             bar.advance(rounds - done)
         finally:
             kill_group(proc)
     if proc.returncode != 0:
-        raise RuntimeError(f"flwr run exited with {proc.returncode}; see {log_path}")
+        raise SimulationError(f"flwr run exited with {proc.returncode}; see {log_path}")

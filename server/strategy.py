@@ -18,6 +18,7 @@ from fedus.config import RunConfig
 from fedus.runs import RunRecorder
 
 SITE_RECORD = "site"
+SCORES_RECORD = "site-scores"
 
 
 def mean_of_common_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -53,7 +54,9 @@ class FedusFedAvg(FedAvg):
         for m in ok:
             info = dict(m.content[SITE_RECORD]) if SITE_RECORD in m.content else {}
             name = str(info.pop("name", f"node-{m.metadata.src_node_id}"))
-            per_site[name] = {k: v for k, v in next(iter(m.content.metric_records.values())).items()}
+            per_site[name] = dict(next(iter(m.content.metric_records.values())))
+            if SCORES_RECORD in m.content:
+                per_site[name].update(dict(m.content[SCORES_RECORD]))
             sites[name] = info
         for m in replies:
             if m.has_error():

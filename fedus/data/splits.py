@@ -59,10 +59,10 @@ def grouped_split(
         rng.shuffle(members)
         target = test_fraction * int(np.isin(groups, members).sum())
         taken = 0
-        for g in members:
-            if taken >= target:
-                break
-            test_groups.add(int(g))
-            taken += int((groups == g).sum())
+        for g in members:  # take a group only if it brings the count closer to the target
+            size = int((groups == g).sum())
+            if abs(taken + size - target) < abs(taken - target):
+                test_groups.add(int(g))
+                taken += size
     is_test = np.isin(groups, list(test_groups))
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)

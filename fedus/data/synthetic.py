@@ -43,7 +43,7 @@ LABELS = ("normal", "hypoechoic", "hyperechoic")
 TASK = "lesion_segmentation;classification_3class"
 MANIFEST_HEADER = ("image_path", "mask_path", "label", "patient_id", "center", "device", "organ", "task")
 NEAR_DUP_R = 0.97  # same threshold as the public corpus' near_duplicates.csv
-_WHITE_DB = 20.0  # display white level, dB above the RMS echo of unit-echogenicity tissue
+_WHITE_DB = 15.0  # display white level, dB above the RMS echo of unit-echogenicity tissue
 
 
 @dataclass(frozen=True)
@@ -74,22 +74,22 @@ class DeviceProfile:
 DEVICE_PROFILES: dict[str, DeviceProfile] = {
     p.name: p
     for p in (
-        # High-frequency linear (breast/thyroid): fine speckle, shallow, well compensated.
+        # High-frequency linear (breast/thyroid): fine speckle, shallow, well compensated, wide DR.
         DeviceProfile("linear-hf-breast", "linear", 10.0, 0.7, 4.0, 0.010, 0.016, 0.45, 0.8,
-                      gain_db=0.0, tgc_db_per_cm=9.5, attenuation_db_cm_mhz=0.5, noise_level=0.003,
-                      dynamic_range_db=60.0),
-        # Curvilinear abdominal: deep, coarser speckle, curved top, slightly bright preset.
+                      gain_db=-7.0, tgc_db_per_cm=9.5, attenuation_db_cm_mhz=0.5, noise_level=0.003,
+                      dynamic_range_db=60.0, gray_gamma=2.2),
+        # Curvilinear abdominal: deep, coarser speckle, curved top, bright preset.
         DeviceProfile("convex-abdominal", "convex", 3.5, 0.6, 15.0, 0.013, 0.020, 0.5, 1.0,
-                      gain_db=3.0, tgc_db_per_cm=3.2, attenuation_db_cm_mhz=0.5, noise_level=0.004,
-                      dynamic_range_db=55.0, fan_angle_deg=60.0, apex_radius=0.6),
-        # Low-resolution phased array: narrow apex, wide fan, blurred laterally, low DR.
+                      gain_db=-3.0, tgc_db_per_cm=3.3, attenuation_db_cm_mhz=0.5, noise_level=0.004,
+                      dynamic_range_db=55.0, fan_angle_deg=60.0, apex_radius=0.6, gray_gamma=1.8),
+        # Low-resolution phased array: narrow apex, wide fan, blurred laterally, low DR, dark.
         DeviceProfile("sector-phased-lowres", "sector", 2.5, 0.5, 16.0, 0.018, 0.028, 0.4, 1.6,
-                      gain_db=-3.0, tgc_db_per_cm=2.1, attenuation_db_cm_mhz=0.5, noise_level=0.006,
-                      dynamic_range_db=48.0, fan_angle_deg=80.0, apex_radius=0.03),
-        # Cheap portable linear: under-compensated TGC and strong noise (grainy, dark depth).
+                      gain_db=-4.0, tgc_db_per_cm=2.1, attenuation_db_cm_mhz=0.5, noise_level=0.006,
+                      dynamic_range_db=45.0, fan_angle_deg=80.0, apex_radius=0.03, gray_gamma=1.6),
+        # Cheap portable linear: under-compensated TGC and strong receive noise (grainy, dark depth).
         DeviceProfile("linear-noisy-portable", "linear", 7.5, 0.5, 5.0, 0.014, 0.024, 0.35, 1.3,
-                      gain_db=-2.0, tgc_db_per_cm=5.0, attenuation_db_cm_mhz=0.5, noise_level=0.03,
-                      dynamic_range_db=50.0, bright_scatterers=0.004),
+                      gain_db=-3.0, tgc_db_per_cm=5.5, attenuation_db_cm_mhz=0.5, noise_level=0.03,
+                      dynamic_range_db=48.0, bright_scatterers=0.004, gray_gamma=2.0),
     )
 }
 
@@ -111,8 +111,8 @@ class _Grid:
     valid: np.ndarray  # (size, size) bool: inside the imaged region
     Xo: np.ndarray  # physical coords of output pixels
     Yo: np.ndarray
-    display_db: np.ndarray  # TGC + gain - white level per depth sample, (N_ax,)
-    attenuation: np.ndarray  # two-way tissue attenuation factor per depth sample, (N_ax,)
+    display_offset: np.ndarray  # (TGC + gain - white level + DR) / DR per depth sample, (N_ax,)
+    log_attenuation: np.ndarray  # ln of the two-way tissue attenuation per depth sample, (N_ax,)
 
 
 def _polar_to_phys(profile: DeviceProfile, d, u):
@@ -136,10 +136,9 @@ def _phys_to_polar(profile: DeviceProfile, X, Y):
 
 @lru_cache(maxsize=64)
 def _grid(profile: DeviceProfile, size: int) -> _Grid:
-    # ~2x oversampling, but at least ~3 samples per carrier wavelength (no aliasing).
-    lam_frac = profile.axial_psf * profile.fractional_bandwidth / 0.375
-    n_ax = max(2 * size, int(np.ceil(3.2 / lam_frac)))
-    n_lat = max(2 * size, int(np.ceil(2.5 / profile.lateral_psf)))
+    # ~2x oversampling of the output, and PSF sigma >= 1.2 samples so the (baseband) PSF is not aliased.
+    n_ax = max(2 * size, int(np.ceil(1.2 / profile.axial_psf)))
+    n_lat = max(2 * size, int(np.ceil(1.2 / profile.lateral_psf)))
     pad_ax = int(np.ceil(4 * profile.axial_psf * n_ax))
     pad_lat = int(np.ceil(3 * profile.lateral_psf * (1 + profile.defocus) * n_lat))
     N_ax = sfft.next_fast_len(n_ax + 2 * pad_ax)
@@ -172,51 +171,57 @@ def _grid(profile: DeviceProfile, size: int) -> _Grid:
         a.setflags(write=False)
     return _Grid(n_ax, n_lat, pad_ax, pad_lat, X.astype(np.float32), Y.astype(np.float32), d.astype(np.float32),
                  u.astype(np.float32), coords, valid, Xo, Yo,
-                 display_db.astype(np.float32), (10 ** (-att_db / 20)).astype(np.float32))
+                 ((display_db + profile.dynamic_range_db) / profile.dynamic_range_db).astype(np.float32),
+                 (-att_db * np.log(10) / 20).astype(np.float32))
+
+
+def _carrier(profile: DeviceProfile, n_ax: int) -> float:
+    """Carrier in cycles per depth sample: a Gaussian pulse with -6 dB fractional bandwidth B
+    has envelope sigma 0.375 / (B f0), so the axial PSF size fixes f0 given B."""
+    return 0.375 / (profile.fractional_bandwidth * profile.axial_psf * n_ax)
 
 
 @lru_cache(maxsize=64)
 def _psf_filters(profile: DeviceProfile, shape: tuple[int, int], resolution: tuple[int, int]):
-    """Fourier-domain PSF (focused and defocused beam) with the analytic-signal mask folded in.
+    """Baseband PSF spectra (focused / defocused beam) and the demodulation phase ramp.
 
-    Normalised so unit-amplitude white scatterers give E|analytic|^2 = 1, which makes
+    Normalised so unit-amplitude white scatterers give E|IQ|^2 = 1, which makes
     echogenicity maps read directly as RMS echo levels."""
     N_ax, N_lat = shape
     n_ax, n_lat = resolution
     sig_ax = profile.axial_psf * n_ax
-    # Gaussian pulse with -6 dB fractional bandwidth B has envelope sigma = 0.375 / (B f0).
-    f0 = 0.375 / (profile.fractional_bandwidth * sig_ax)  # carrier, cycles per sample
     kz = sfft.fftfreq(N_ax)
-    # Spectrum of a Gaussian-modulated cosine: Gaussians at +-f0 with sigma 1/(2 pi sig_ax).
-    sf = 1.0 / (2 * np.pi * sig_ax)
-    h_ax = np.exp(-0.5 * ((np.abs(kz) - f0) / sf) ** 2)
-    analytic = np.where(kz > 0, 2.0, 0.0)
-    analytic[0] = 1.0
-    if N_ax % 2 == 0:
-        analytic[N_ax // 2] = 1.0
-    h_ax = h_ax * analytic
+    h_ax = np.exp(-0.5 * (2 * np.pi * kz * sig_ax) ** 2)  # spectrum of the Gaussian pulse envelope
     kx = sfft.fftfreq(N_lat)
     out = []
     for s in (profile.lateral_psf, profile.lateral_psf * (1 + profile.defocus)):
-        sig_lat = s * n_lat
-        g = np.exp(-0.5 * (2 * np.pi * kx * sig_lat) ** 2)
+        g = np.exp(-0.5 * (2 * np.pi * kx * s * n_lat) ** 2)
         H = h_ax[:, None] * g[None, :]
-        H = H / np.sqrt(np.mean(np.abs(H) ** 2))
-        H = H.astype(np.complex64)
+        H = (H / np.sqrt(np.mean(H ** 2))).astype(np.float32)
         H.setflags(write=False)
         out.append(H)
-    return tuple(out)
+    z = np.arange(N_ax)
+    ramp = np.exp(-2j * np.pi * _carrier(profile, n_ax) * z).astype(np.complex64)
+    ramp.setflags(write=False)
+    return out[0], out[1], ramp
 
 
 def simulate_envelope(rng: np.random.Generator, profile: DeviceProfile, amplitude: np.ndarray,
                       resolution: tuple[int, int] | None = None, return_rf: bool = False):
     """Pre-log envelope of RF lines through a scatterer field (rows = depth samples).
 
+    Computed as scanners do, by IQ demodulation: the RF line is sum_z' s(z') p(z - z') with
+    p = Gaussian envelope x cos(2 pi f0 z); demodulating by exp(-i 2 pi f0 z) and low-passing
+    gives conv(s(z) exp(-i 2 pi f0 z), envelope), whose modulus is the Hilbert envelope of
+    the RF (to within the pulse's negligible negative-frequency overlap). Working at baseband
+    means the grid need not resolve the carrier, which keeps 64-128 px images cheap.
+
     Exposed so tests can check the physics (Rayleigh speckle: std/mean ~ 0.52 where
     `amplitude` is constant). `amplitude` is the RMS scatterer strength per sample
     (echogenicity x attenuation); convolution is circular, so callers pad.
     `resolution` = samples per depth / per lateral extent (default: amplitude.shape).
-    With `return_rf`, also returns the real RF whose Hilbert envelope this is.
+    With `return_rf`, also returns the RF lines (remodulated IQ; only meaningful when the
+    grid resolves the carrier, i.e. resolution[0] * axial_psf is several samples).
     """
     shape = amplitude.shape
     resolution = tuple(resolution or shape)
@@ -227,20 +232,26 @@ def simulate_envelope(rng: np.random.Generator, profile: DeviceProfile, amplitud
     if k:  # sparse strong reflectors (fibres, microcalcification-like): bright dots, non-Rayleigh tail
         idx = rng.integers(0, n, size=k)
         scat.ravel()[idx] *= rng.uniform(3.0, 6.0, size=k).astype(np.float32)
-    scat += profile.noise_level * rng.standard_normal(shape, dtype=np.float32)
-    H_focus, H_wide = _psf_filters(profile, shape, resolution)
-    S = sfft.fft2(scat, workers=1)
-    a_focus = sfft.ifft2(S * H_focus, workers=1)
-    a_wide = sfft.ifft2(S * H_wide, workers=1)
+    H_focus, H_wide, ramp = _psf_filters(profile, shape, resolution)
+    S = sfft.fft2(scat * ramp[:, None], workers=1)
+    iq_focus = sfft.ifft2(S * H_focus, workers=1)
+    iq_wide = sfft.ifft2(S * H_wide, workers=1)
     # Beam is narrowest at the focus and widens with distance from it (depth-dependent PSF,
     # approximated by blending two separable PSFs).
     d = (np.arange(shape[0]) + 0.5) / resolution[0]
     w = np.clip(np.abs(d - profile.focus) / max(profile.focus, 1 - profile.focus), 0, 1).astype(np.float32)
     w = np.sqrt(w)[:, None]
-    analytic = a_focus * (1 - w) + a_wide * w
-    env = np.abs(analytic)
+    iq_wide -= iq_focus
+    iq_wide *= w
+    iq = iq_focus
+    iq += iq_wide
+    if profile.noise_level > 0:  # receive (electronic) noise: after the beam, so spatially white
+        noise = rng.standard_normal(shape + (2,), dtype=np.float32).view(np.complex64)[..., 0]
+        noise *= np.float32(profile.noise_level / np.sqrt(2))
+        iq += noise
+    env = np.abs(iq)
     if return_rf:
-        return env, analytic.real.copy()
+        return env, (iq * np.conj(ramp)[:, None]).real.copy()
     return env
 
 
@@ -272,8 +283,14 @@ def _sample_anatomy(rng: np.random.Generator, profile: DeviceProfile, label: str
         "wave": [_waves(rng, 3, rng.uniform(0.005, 0.03)) for _ in range(6)],
         "striation_freq": rng.uniform(25, 45),
     }
-    texture = [(rng.uniform(-1, 1) * 0.35, rng.uniform(0.5, 3), rng.uniform(0.5, 3),
-                rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi)) for _ in range(4)]
+    # heterogeneous parenchyma: coarse + finer log-echogenicity patches (lobules, fibroglandular mix)
+    texture = [rng.standard_normal((6, 6)) * rng.uniform(0.15, 0.3), rng.standard_normal((16, 16)) * rng.uniform(0.15, 0.3)]
+    # bright thin interfaces (ligaments, septa, vessel walls) below the muscle layer
+    strands = []
+    for _ in range(int(rng.integers(2, 7))):
+        u0 = rng.uniform(-0.2, 0.8)
+        strands.append((rng.uniform(fascia2 + 0.03, 0.95), _waves(rng, 3, rng.uniform(0.01, 0.06)), u0,
+                        u0 + rng.uniform(0.2, 0.7), rng.uniform(0.004, 0.009), rng.uniform(1.0, 2.5)))
     lesion = None
     if label != "normal":
         hypo = label == "hypoechoic"
@@ -289,11 +306,11 @@ def _sample_anatomy(rng: np.random.Generator, profile: DeviceProfile, label: str
             "angle": rng.uniform(-0.4, 0.4),
             # malignant-looking hypoechoic lesions are lobulated/irregular, hyperechoic ones smoother
             "harmonics": _waves(rng, 6, rng.uniform(0.15, 0.35) if hypo else rng.uniform(0.03, 0.1)),
-            "echo": rng.uniform(0.06, 0.2) if hypo else rng.uniform(2.5, 4.0),
+            "echo": rng.uniform(0.05, 0.18) if hypo else rng.uniform(3.5, 6.0),
             # total extra round-trip attenuation through the lesion, dB (negative = enhancement)
             "shadow_db": rng.uniform(10, 20) if hypo else (-rng.uniform(2, 5) if rng.random() < 0.5 else 0.0),
         }
-    return {"layers": layers, "texture": texture, "lesion": lesion, "shift": 0.0}
+    return {"layers": layers, "texture": texture, "strands": strands, "lesion": lesion, "shift": 0.0}
 
 
 def _perturb_anatomy(rng: np.random.Generator, anatomy: dict) -> dict:
@@ -311,46 +328,85 @@ def _perturb_anatomy(rng: np.random.Generator, anatomy: dict) -> dict:
 
 
 def _lesion_field(lesion: dict, X: np.ndarray, Y: np.ndarray, edge: float) -> np.ndarray:
-    """Soft inside-ness in [0,1] (edge>0) or hard indicator (edge=0) of the lesion."""
+    """Soft inside-ness in [0,1] (edge>0) or hard indicator (edge=0) of the lesion.
+
+    Boundary radius is 1 + sum_k a_k cos(k phi + ph_k) in the ellipse's own frame, evaluated
+    only near the lesion and with complex powers instead of trig (this is the hot spot)."""
     xc, yc = lesion["centre"]
     a, b = lesion["axes"]
-    c, s = np.cos(lesion["angle"]), np.sin(lesion["angle"])
-    dx, dy = X - xc, Y - yc
-    p, q = (c * dx + s * dy) / a, (-s * dx + c * dy) / b
-    rho = np.hypot(p, q)
-    phi = np.arctan2(q, p)
     amp, k, ph = lesion["harmonics"]
-    ex = (slice(None),) + (None,) * phi.ndim
-    boundary = 1 + np.sum(amp[ex] * np.cos(k[ex] * phi + ph[ex]), axis=0)
+    c, s = np.cos(lesion["angle"]), np.sin(lesion["angle"])
+    dx, dy = X - np.float32(xc), Y - np.float32(yc)
+    p = (c * dx + s * dy) * np.float32(1 / a)
+    q = (s * -dx + c * dy) * np.float32(1 / b)
+    rho2 = p * p + q * q
+    reach = 1 + float(np.abs(amp).sum()) + edge
+    near = rho2 < reach * reach
+    out = np.zeros(X.shape, np.float32 if edge > 0 else bool)
+    pn, qn = p[near], q[near]
+    rho = np.sqrt(pn * pn + qn * qn) + np.float32(1e-12)
+    z = (pn + 1j * qn) / rho  # e^{i phi}
+    coef = (amp * np.exp(1j * ph)).astype(np.complex64)
+    boundary = np.ones_like(rho)
+    zk = z
+    for i in range(len(k)):  # k = 1, 2, ... in order
+        boundary += (coef[i] * zk).real
+        zk = zk * z
     if edge <= 0:
-        return rho < boundary
-    return np.clip((boundary - rho) / edge + 0.5, 0, 1).astype(np.float32)
+        out[near] = rho < boundary
+    else:
+        out[near] = np.clip((boundary - rho) / edge + 0.5, 0, 1)
+    return out
 
 
-def _echogenicity(anatomy: dict, g: _Grid, profile: DeviceProfile):
-    """RMS scatterer strength map (before attenuation) and lesion soft map on the sim grid."""
+def _log_echogenicity(anatomy: dict, g: _Grid, profile: DeviceProfile):
+    """ln of the RMS scatterer strength (before attenuation), and the lesion's soft map.
+
+    Built in the log domain (one exp at the end) because this runs per image on the full grid."""
     lay = anatomy["layers"]
-    d = g.d[:, None]
-    u = g.u + anatomy["shift"]
+    d = g.d
+    u = g.u + np.float32(anatomy["shift"])
+    N_ax, N_lat = g.X.shape
     bounds = np.stack([b + np.sum(a[:, None] * np.sin(2 * np.pi * k[:, None] * u + p[:, None]), axis=0)
                        for b, (a, k, p) in zip(lay["bounds"], lay["wave"])]).astype(np.float32)
-    idx = (d[None] > bounds[:, None, :]).sum(axis=0)
-    echo = lay["echo"].astype(np.float32)[idx]
-    # muscle striations (idx 3): fibrous bands parallel to the skin
-    stri = 1 + 0.5 * np.sin(2 * np.pi * lay["striation_freq"] * (d - bounds[2][None, :] * 0.5))
-    echo = np.where(idx == 3, echo * stri.astype(np.float32), echo)
-    # smooth echogenicity variation (+-~3 dB), separable so it is cheap
-    logv = np.zeros_like(echo)
-    for amp, fz, fx, pz, px in anatomy["texture"]:
-        logv += amp * np.outer(np.cos(2 * np.pi * fz * g.d + pz), np.cos(2 * np.pi * fx * u + px)).astype(np.float32)
-    echo *= np.exp(logv)
+    le = np.log(lay["echo"]).astype(np.float32)
+    # piecewise-constant layers: add each step where its boundary crosses a column, then cumsum
+    steps = np.zeros((N_ax + 1, N_lat), np.float32)
+    cols = np.arange(N_lat)
+    for i in range(len(bounds)):
+        np.add.at(steps, (np.searchsorted(d, bounds[i]), cols), le[i + 1] - le[i])
+    steps[0] += le[0]
+    logv = np.cumsum(steps[:-1], axis=0)
+    # muscle striations: fibrous bands parallel to the skin
+    lo, hi = np.searchsorted(d, [bounds[2].min(), bounds[3].max()])
+    band = d[lo:hi, None]
+    inside = (band > bounds[2]) & (band < bounds[3])
+    logv[lo:hi] += 0.45 * inside * np.sin(2 * np.pi * lay["striation_freq"] * (band - 0.5 * bounds[2]))
+    # smooth echogenicity variation: random control grids, Gaussian-interpolated as W_d @ R @ W_u.T
+    for R in anatomy["texture"]:
+        logv += _smooth_basis(d, R.shape[0]) @ R.astype(np.float32) @ _smooth_basis(u, R.shape[1]).T
+    for base, (a, k, p), u0, u1, w, gain in anatomy["strands"]:
+        y = base + np.sum(a[:, None] * np.sin(2 * np.pi * k[:, None] * u + p[:, None]), axis=0)
+        lo = max(int(np.searchsorted(d, y.min() - 3 * w)), 0)
+        hi = int(np.searchsorted(d, y.max() + 3 * w))
+        if hi <= lo:
+            continue
+        win = np.clip(np.minimum(u - u0, u1 - u) / 0.05, 0, 1)
+        logv[lo:hi] += gain * win * np.exp(-0.5 * ((d[lo:hi, None] - y) / w) ** 2)
     les = anatomy["lesion"]
     soft = None
     if les is not None:
         soft = _lesion_field(_lesion_in_view(anatomy, profile), g.X, g.Y, edge=0.15)
-        inner = 1 + 0.25 * np.outer(np.cos(g.d * 60), np.cos(g.u * 50)).astype(np.float32)  # mild internal texture
-        echo = echo * (1 - soft) + les["echo"] * inner * soft
-    return echo, soft
+        inner = np.log(les["echo"]) + 0.22 * np.outer(np.cos(d * 60), np.cos(g.u * 50))  # mild internal texture
+        logv += soft * (inner.astype(np.float32) - logv)
+    return logv, soft
+
+
+def _smooth_basis(x: np.ndarray, n: int) -> np.ndarray:
+    """(len(x), n) Gaussian interpolation weights from n control points spanning [0, 1]."""
+    c = np.arange(n, dtype=np.float32) * np.float32(1.1 / (n - 1)) - np.float32(0.05)
+    t = (x[:, None] - c[None, :]) * np.float32((n - 1) / 1.1)
+    return np.exp(-0.5 * t * t)
 
 
 def _shift_lesion(les: dict, dx: float) -> dict:
@@ -383,19 +439,28 @@ def _lesion_in_view(anatomy: dict, profile: DeviceProfile) -> dict | None:
 
 def _render(rng: np.random.Generator, profile: DeviceProfile, size: int, anatomy: dict):
     g = _grid(profile, size)
-    echo, soft = _echogenicity(anatomy, g, profile)
-    amp = echo * g.attenuation[:, None]
+    logamp, soft = _log_echogenicity(anatomy, g, profile)
+    logamp += g.log_attenuation[:, None]
     if soft is not None:
-        les = anatomy["lesion"]
         # extra attenuation accumulated along each beam through the lesion: shadow / enhancement
-        thickness = np.cumsum(soft, axis=0) / max(float(soft.sum(axis=0).max()), 1.0)
-        amp = amp * (10 ** (-les["shadow_db"] * thickness / 20)).astype(np.float32)
-    env = simulate_envelope(rng, profile, amp, resolution=(g.n_ax, g.n_lat))
-    db = 20 * np.log10(env + 1e-6) + g.display_db[:, None]
-    img = np.clip((db + profile.dynamic_range_db) / profile.dynamic_range_db, 0, 1) ** profile.gray_gamma
+        thickness = np.cumsum(soft, axis=0)
+        thickness *= np.float32(-anatomy["lesion"]["shadow_db"] * np.log(10) / 20 / max(float(thickness[-1].max()), 1.0))
+        logamp += thickness
+    env = simulate_envelope(rng, profile, np.exp(logamp), resolution=(g.n_ax, g.n_lat))
+    # log compression to the dynamic range, then the gray map: all in place on the sim grid
+    env += np.float32(1e-6)
+    img = np.log(env, out=env)
+    img *= np.float32(20 / np.log(10) / profile.dynamic_range_db)
+    img += g.display_offset[:, None]
+    np.clip(img, 0, 1, out=img)
+    img **= np.float32(profile.gray_gamma)
+    # [1,2,1] anti-alias before the ~2x down-sampling (receive noise is white at the sim grid)
+    img[1:-1] = 0.5 * img[1:-1] + 0.25 * (img[:-2] + img[2:])
+    img[:, 1:-1] = 0.5 * img[:, 1:-1] + 0.25 * (img[:, :-2] + img[:, 2:])
     out = map_coordinates(img, g.coords, order=1, mode="constant", cval=0.0)
-    out = np.where(g.valid, np.clip(out, 0, 1), 0)
-    image = np.round(out * 255).astype(np.uint8)
+    out *= 255
+    out[~g.valid] = 0
+    image = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     les = _lesion_in_view(anatomy, profile)
     if les is None:
         mask = np.zeros((size, size), np.uint8)

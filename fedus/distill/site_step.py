@@ -52,6 +52,7 @@ def site_step(
     device: torch.device,
 ) -> StepResult:
     """Distil for `cfg.local_steps` AdamW steps on the site's (augmented) training images."""
+    torch.manual_seed(seed)  # torchvision's augmentations draw from the global RNG
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,

@@ -29,8 +29,9 @@ class Student(nn.Module):
         self.backbone = backbone
         self.normalize = Normalize(backbone)
         self.teacher_grid = tuple(teacher_grid)
-        with torch.no_grad():
-            self.dim = self.encode(torch.zeros(1, 3, image_size, image_size)).shape[1]
+        with torch.no_grad():  # eval: a 1-image probe through BatchNorm must not touch its statistics
+            self.dim = self.eval().encode(torch.zeros(1, 3, image_size, image_size)).shape[1]
+        self.train()
         self.head = TokenHead(self.dim, head_hidden, teacher_dim)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

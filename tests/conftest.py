@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny run config, a synthetic corpus, the public corpus (or a clear skip)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedus.config import RunConfig
+from fedus.scenarios import corpus_root
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY = [
+    "teacher.arch=vit_tiny_patch16_224", "student.arch=resnet10t", "student.head-hidden=128",
+    "data.image-size=32", "train.batch-size=16", "train.local-steps=4", "eval.seg-probe-steps=20",
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic_manifest(tmp_path_factory) -> Path:
+    from fedus.data.synthetic import write_synthetic_corpus
+
+    return write_synthetic_corpus(tmp_path_factory.mktemp("synth"), n_centres=2, images_per_centre=40, size=32, seed=0)
+
+
+@pytest.fixture
+def tiny_cfg(synthetic_manifest) -> RunConfig:
+    return RunConfig().with_overrides(TINY + [f"data.manifest={str(synthetic_manifest)!r}".replace("'", '"')])
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    root = corpus_root()
+    if not (root / "all_manifest.csv").is_file():
+        pytest.skip(f"public ultrasound corpus not found at {root} (set FEDUS_CORPUS to the folder holding all_manifest.csv)")
+    return root
+
+
+@pytest.fixture
+def task_identity():
+    """Flower Messages need a task identity outside a runtime (see shared/notes/flower.md)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    yield

@@ -1,0 +1,45 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedus.config import ConfigError, RunConfig, flatten
+from fedus.scenarios import available, load_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_pyproject_run_config_matches_the_typed_defaults():
+    """Flower only overrides keys it knows from pyproject: both must list the same keys and defaults."""
+    flwr_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert flatten(flwr_cfg) == RunConfig().to_flat()
+
+
+def test_flat_round_trip_and_overrides():
+    cfg = RunConfig().with_overrides(["train.lr=3e-4", "teacher.arch=resnet50", "rounds=7", "train.mixup=false"])
+    assert (cfg.train.lr, cfg.teacher.arch, cfg.rounds, cfg.train.mixup) == (3e-4, "resnet50", 7, False)
+    assert RunConfig.from_flat(cfg.to_flat()) == cfg
+    assert cfg.train.weight_decay == 0.05 and RunConfig().train.lr == 1e-4  # reference recipe defaults
+
+
+@pytest.mark.parametrize("bad", ["train.lr=-1", "rounds=zero", "nosuch.key=1", "train.precision=fp8", "justtext"])
+def test_bad_values_are_one_line_errors(bad):
+    with pytest.raises(ConfigError) as err:
+        RunConfig().with_overrides([bad])
+    assert "\n" not in str(err.value)
+
+
+def test_probe_rounds():
+    cfg = RunConfig().with_overrides(["rounds=5"])
+    assert [r for r in range(6) if cfg.probe_at(r)] == [0, 5]
+    assert cfg.with_overrides(["eval.probe-rounds=all"]).probe_at(3)
+
+
+def test_scenarios_load(monkeypatch, tmp_path):
+    assert {"synthetic-devices", "public-corpus-by-center"} <= set(available())
+    assert load_scenario("synthetic-devices").config.data.source == "synthetic"
+    monkeypatch.setenv("FEDUS_CORPUS", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="FEDUS_CORPUS"):
+        load_scenario("public-corpus-by-center")
+    with pytest.raises(ConfigError, match="unknown scenario"):
+        load_scenario("nope")

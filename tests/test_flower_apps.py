@@ -1,0 +1,98 @@
+"""The Flower adapters, called directly (no Ray, no SuperLink)."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from client.app import app as client_app
+from client.replies import EgressViolation, build_reply
+from fedus.runs import RunRecorder
+from fedus.site import initial_student
+from server.strategy import FedusFedAvg
+
+
+def _context(cfg, partition=0):
+    return Context(run_id=1, node_id=1, node_config={"partition-id": partition, "num-partitions": 2},
+                   state=RecordDict(), run_config=cfg.to_flat())
+
+
+def _instruction(cfg, kind, server_round=1):
+    student = initial_student(cfg)
+    content = RecordDict({"arrays": ArrayRecord(student.state_dict()),
+                          "config": ConfigRecord({"server-round": server_round})})
+    return Message(content, dst_node_id=1, message_type=kind), student
+
+
+def _strings(record_dict):
+    for record in record_dict.config_records.values():
+        for value in record.values():
+            yield from (value if isinstance(value, list) else [value])
+
+
+def test_train_reply_carries_only_student_arrays_and_metrics(tiny_cfg, task_identity, synthetic_manifest):
+    msg, student = _instruction(tiny_cfg, MessageType.TRAIN)
+    reply = client_app(msg, _context(tiny_cfg))
+    assert not reply.has_error(), reply.error
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    arrays = content["arrays"].to_torch_state_dict()
+    expected = student.state_dict()
+    assert set(arrays) == set(expected)
+    assert all(arrays[k].shape == v.shape for k, v in expected.items())
+    size = tiny_cfg.data.image_size
+    for k, v in arrays.items():  # nothing image-shaped (HxW of the input) left
+        assert tuple(v.shape[-2:]) != (size, size), k
+    metrics = dict(content["metrics"])
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert metrics["loss_after"] < metrics["loss_before"]
+    corpus_dir = str(synthetic_manifest.parent)
+    for s in _strings(content):
+        if isinstance(s, str):
+            assert "/" not in s and corpus_dir not in s and not s.endswith(".png"), s
+
+
+def test_evaluate_reply_has_common_metrics_and_site_scores(tiny_cfg, task_identity):
+    msg, _ = _instruction(tiny_cfg, MessageType.EVALUATE, server_round=0)
+    reply = client_app(msg, _context(tiny_cfg, partition=1))
+    assert not reply.has_error(), reply.error
+    assert set(reply.content["metrics"].keys()) == {"cos", "mse", "num-examples"}
+    assert {"cls_acc", "seg_dice", "teacher_cls_acc"} <= set(reply.content["site-scores"].keys())
+    assert "arrays" not in reply.content
+
+
+def test_egress_guard_refuses_images_paths_and_foreign_arrays(task_identity, tmp_path):
+    msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type=MessageType.TRAIN)
+    with pytest.raises(EgressViolation):
+        build_reply(msg, {"loss": 1.0}, {"name": "a"}, {"image": torch.zeros(64, 64)}, {"w": torch.Size([3])})
+    with pytest.raises(EgressViolation):
+        build_reply(msg, {"loss": 1.0}, {"name": str(tmp_path)})
+    with pytest.raises(EgressViolation):
+        build_reply(msg, {"per_image": [0.1, 0.2]}, {"name": "a"})
+    with pytest.raises(EgressViolation):
+        build_reply(msg, {"loss": 1.0}, {"name": "a", "ids": [f"x{i}" for i in range(100)]})
+
+
+def _reply(arrays, n, name):
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": n, "loss": 1.0}),
+                          "site": ConfigRecord({"name": name})})
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN, reply_to=None) if False else \
+        Message(content, reply_to=Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN))
+
+
+def test_fedavg_of_two_sites_is_the_example_weighted_mean(tiny_cfg, task_identity, tmp_path):
+    recorder = RunRecorder(tmp_path / "run", tiny_cfg, {})
+    strategy = FedusFedAvg(tiny_cfg, recorder, min_train_nodes=1, min_available_nodes=1)
+    rng = np.random.default_rng(0)
+    a = {"w": rng.normal(size=(4, 5)).astype(np.float32), "b": np.array([1.0, 2.0], np.float32)}
+    b = {"w": rng.normal(size=(4, 5)).astype(np.float32), "b": np.array([5.0, -2.0], np.float32)}
+    arrays, metrics = strategy.aggregate_train(1, [_reply({k: torch.from_numpy(v) for k, v in a.items()}, 30, "A"),
+                                                   _reply({k: torch.from_numpy(v) for k, v in b.items()}, 10, "B")])
+    out = arrays.to_torch_state_dict()
+    assert torch.equal(out["b"], torch.tensor([2.0, 1.0]))  # (30*[1,2] + 10*[5,-2]) / 40, exact in fp32
+    ref = (30 * a["w"].astype(np.float64) + 10 * b["w"].astype(np.float64)) / 40
+    np.testing.assert_allclose(out["w"].numpy(), ref, rtol=1e-6, atol=1e-7)
+    assert metrics["num-examples"] == 40
+    summary = recorder.summary["rounds"][0]
+    assert set(summary["train"]) == {"A", "B"} and summary["checkpoint"] == "global-round-001.safetensors"
+    assert (tmp_path / "run" / "global-round-001.safetensors").is_file()
