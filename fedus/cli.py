@@ -25,7 +25,7 @@ Sets = typer.Option(None, "--set", help="config override KEY=VALUE, e.g. train.l
 
 
 def fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -126,7 +126,7 @@ def main() -> None:
     try:
         app()
     except (ConfigError, SimulationError) as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted")

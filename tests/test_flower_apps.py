@@ -76,8 +76,7 @@ def test_egress_guard_refuses_images_paths_and_foreign_arrays(task_identity, tmp
 def _reply(arrays, n, name):
     content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": n, "loss": 1.0}),
                           "site": ConfigRecord({"name": name})})
-    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN, reply_to=None) if False else \
-        Message(content, reply_to=Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN))
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN))
 
 
 def test_fedavg_of_two_sites_is_the_example_weighted_mean(tiny_cfg, task_identity, tmp_path):
@@ -96,3 +95,16 @@ def test_fedavg_of_two_sites_is_the_example_weighted_mean(tiny_cfg, task_identit
     summary = recorder.summary["rounds"][0]
     assert set(summary["train"]) == {"A", "B"} and summary["checkpoint"] == "global-round-001.safetensors"
     assert (tmp_path / "run" / "global-round-001.safetensors").is_file()
+
+
+def test_a_failed_site_does_not_stop_the_round(tiny_cfg, task_identity, tmp_path):
+    from flwr.app import Error
+
+    recorder = RunRecorder(tmp_path / "run", tiny_cfg, {})
+    strategy = FedusFedAvg(tiny_cfg, recorder, min_train_nodes=1, min_available_nodes=1)
+    good = _reply({"w": torch.ones(3)}, 10, "A")
+    failed = Message(Error(code=0, reason="site crashed"),
+                     reply_to=Message(RecordDict(), dst_node_id=2, message_type=MessageType.TRAIN))
+    arrays, _ = strategy.aggregate_train(1, [good, failed])
+    assert torch.equal(arrays.to_torch_state_dict()["w"], torch.ones(3))
+    assert recorder.summary["rounds"][0]["aggregate"] == {"train_sites_replied": 1, "train_sites_failed": 1}

@@ -88,8 +88,8 @@ def test_lesion_contrast(profile):
             img, mask = generate_image(rng, profile, 64, label)
             ring = _ring(mask, 5) & (img > 0)
             out.append(img[mask > 0].mean() - img[ring].mean())
-    assert np.mean(hypo) < -15 and max(hypo) < 0, hypo
-    assert np.mean(hyper) > 10, hyper
+    assert np.mean(hypo) < -20 and max(hypo) < 0, hypo
+    assert np.mean(hyper) > 20 and min(hyper) > 0, hyper
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)

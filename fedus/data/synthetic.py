@@ -12,16 +12,17 @@ Pipeline per image, on a (depth, lateral) grid (lateral = position for linear
 arrays, steering angle for sector/convex) at about twice the output resolution:
 echogenicity map (layers, smooth variation, lesion) x two-way attenuation (with
 extra attenuation through the lesion, accumulated along the beam -> shadowing)
--> Gaussian scatterers on every sample -> separable PSF in the Fourier domain
-(axial Gaussian-modulated cosine, lateral Gaussian beam, narrower at the focus)
-with the analytic-signal mask folded in (equivalent to RF + scipy.signal.hilbert
-along depth) -> envelope -> TGC, gain, log compression to the dynamic range ->
+-> Gaussian scatterers on every sample (plus sparse strong reflectors) -> RF lines
+from a Gaussian-modulated-cosine pulse and a Gaussian beam (narrower at the focus),
+envelope-detected by IQ demodulation in the Fourier domain (same envelope as
+scipy.signal.hilbert on the RF, which a test checks, without having to resolve
+the carrier) -> receive noise -> TGC, gain, log compression, scanner gray map ->
 scan conversion (scipy.ndimage.map_coordinates) -> 8-bit.
 
 The PSF is specified relative to the field of view, not in millimetres: at the
 thumbnail sizes fedus trains on (64-128 px), true speckle (~0.1-0.5 mm) would be
 sub-pixel and average away, removing exactly the texture that makes ultrasound
-hard. Centre frequency still drives attenuation and the pulse's carrier.
+hard. Centre frequency drives attenuation; bandwidth sets the pulse's carrier.
 """
 
 from __future__ import annotations

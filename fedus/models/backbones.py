@@ -7,6 +7,7 @@ or USFM loads exactly as timm would load it from the hub.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import timm
@@ -19,7 +20,7 @@ from fedus.config import ConfigError
 def create_backbone(arch: str, image_size: int, weights: str = "") -> nn.Module:
     """A headless timm model; ViT-style models are built for `image_size` (pos-embed resampled)."""
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+        close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
         hint = f" (did you mean: {', '.join(close)})" if close else ""
         raise ConfigError(f"unknown timm model '{arch}'{hint}")
     kwargs: dict = dict(num_classes=0)

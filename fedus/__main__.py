@@ -1,0 +1,3 @@
+from fedus.cli import main
+
+main()
