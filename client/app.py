@@ -25,7 +25,8 @@ def site_for(context: Context) -> Site:
     if "data-path" in node:
         path = Path(str(node["data-path"])).expanduser()
         manifest = path / "manifest.csv" if path.is_dir() else path
-        return get_site(cfg, str(node.get("site-name", "")) or None, manifest)
+        name = str(node.get("site-name", "")) or f"node-{context.node_id}"
+        return get_site(cfg, name, manifest, own_manifest=True)
     return get_site(cfg, int(node["partition-id"]))
 
 

@@ -43,15 +43,18 @@ def initial_student(cfg: RunConfig, teacher: Teacher | None = None) -> Student:
 
 
 class Site:
-    def __init__(self, cfg: RunConfig, site: str | int, manifest: Path | None = None):
+    def __init__(self, cfg: RunConfig, site: str | int, manifest: Path | None = None, own_manifest: bool = False):
+        """`site`: partition index or name in a shared manifest, or with `own_manifest` the
+        name of a site whose manifest holds only its own images (deployment)."""
         self.cfg = cfg
         self.key = site
         self.manifest = manifest
+        self.own_manifest = own_manifest
         self.device = pick_device()
 
     @cached_property
     def data(self) -> SiteData:
-        return load_site(self.cfg.data, self.cfg.seed, self.key, self.manifest)
+        return load_site(self.cfg.data, self.cfg.seed, self.key, self.manifest, self.own_manifest)
 
     @property
     def teacher(self) -> Teacher:
@@ -117,11 +120,11 @@ def shared_teacher(cfg: RunConfig) -> Teacher:
     return _TEACHERS[key]
 
 
-def get_site(cfg: RunConfig, site: str | int, manifest: Path | None = None) -> Site:
+def get_site(cfg: RunConfig, site: str | int, manifest: Path | None = None, own_manifest: bool = False) -> Site:
     """One Site per (config, site) per process, so nothing is decoded or built twice."""
-    key = _key(cfg.to_dict(), site, manifest)
+    key = _key(cfg.to_dict(), site, manifest, own_manifest)
     if key not in _SITES:
-        _SITES[key] = Site(cfg, site, manifest)
+        _SITES[key] = Site(cfg, site, manifest, own_manifest)
         while len(_SITES) > MAX_CACHED_SITES:
             _SITES.popitem(last=False)
     _SITES.move_to_end(key)

@@ -108,3 +108,22 @@ def test_a_failed_site_does_not_stop_the_round(tiny_cfg, task_identity, tmp_path
     arrays, _ = strategy.aggregate_train(1, [good, failed])
     assert torch.equal(arrays.to_torch_state_dict()["w"], torch.ones(3))
     assert recorder.summary["rounds"][0]["aggregate"] == {"train_sites_replied": 1, "train_sites_failed": 1}
+
+
+def test_deployed_site_reads_its_own_manifest(tiny_cfg, task_identity, synthetic_manifest, tmp_path):
+    """Deployment: node_config names the site and its manifest; every row there is the site's."""
+    import pandas as pd
+
+    rows = pd.read_csv(synthetic_manifest, dtype=str, keep_default_na=False)
+    own = rows[rows["center"] == rows["center"].iloc[0]].copy()
+    for col in ("image_path", "mask_path"):
+        own[col] = [str(synthetic_manifest.parent / p) if p else "" for p in own[col]]
+    own["center"] = "whatever the scanner export says"
+    own.to_csv(tmp_path / "manifest.csv", index=False)
+    msg, _ = _instruction(tiny_cfg, MessageType.TRAIN)
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=tiny_cfg.to_flat(),
+                      node_config={"site-name": "hospital-a", "data-path": str(tmp_path)})
+    reply = client_app(msg, context)
+    assert not reply.has_error(), reply.error
+    site = dict(reply.content["site"])
+    assert site["name"] == "hospital-a" and site["n_train"] + site["n_test"] == len(own)

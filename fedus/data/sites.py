@@ -85,10 +85,16 @@ def list_sites(df: pd.DataFrame, site_column: str) -> list[str]:
     return sorted(v for v in df[site_column].unique() if v)
 
 
-def load_site(cfg: DataConfig, seed: int, site: str | int, manifest: Path | None = None) -> SiteData:
-    """Rows of one site (by name, or by index into the sorted site list), split by groups."""
+def load_site(cfg: DataConfig, seed: int, site: str | int, manifest: Path | None = None, own_manifest: bool = False) -> SiteData:
+    """Rows of one site (by name, or by index into the sorted site list), split by groups.
+
+    `own_manifest`: the manifest is the site's own (deployment), so every row is
+    the site's, whatever its site column says, and `site` is just its name.
+    """
     manifest = manifest or resolve_manifest(cfg, seed)
     df = read_manifest(manifest)
+    if own_manifest:
+        df = df.assign(**{cfg.site_column: str(site)})
     sites = list_sites(df, cfg.site_column)
     if isinstance(site, int):
         if not 0 <= site < len(sites):
