@@ -63,7 +63,8 @@ def run_scenario(name: str, overrides: list[str], run_dir: Optional[Path], fit_s
     console.print(f"[bold]{scenario.name}[/bold]: {len(sites)} sites, {cfg.rounds} rounds -> {run_dir}")
     if not cfg.teacher.weights:
         steps = fit_steps if fit_steps is not None else scenario.fit_teacher_steps
-        cfg = fit_teacher(cfg, run_dir / "teacher.safetensors", steps=steps, data_label=f"'{scenario.name}'")
+        cfg = fit_teacher(cfg, run_dir / "teacher.safetensors", steps=steps, lr=scenario.fit_teacher_lr,
+                          data_label=f"'{scenario.name}'")
     simulate(cfg, len(sites), run_dir)
     paths = write_report(run_dir)
     _print_summary(run_dir)
@@ -75,11 +76,13 @@ def _print_summary(run_dir: Path) -> None:
     import pandas as pd
 
     df = pd.read_csv(run_dir / "report" / "sites.csv")
-    table = Table(title=f"per-site results ({run_dir.name})")
-    cols = [c for c in ["site", "cos_round0", "cos_final", "random_init_cls_acc", "student_cls_acc",
-                        "random_init_seg_dice", "student_seg_dice"] if c in df.columns]
+    shown = {"site": "site", "cos_round0": "cos r0", "cos_final": "cos final", "teacher_cls_f1": "F1 teacher",
+             "random_init_cls_f1": "F1 random", "student_cls_f1": "F1 student",
+             "random_init_seg_dice": "Dice random", "student_seg_dice": "Dice student"}
+    table = Table(title=f"per-site results ({run_dir.name}): cosine to teacher, linear-probe F1, seg-probe Dice")
+    cols = [c for c in shown if c in df.columns]
     for c in cols:
-        table.add_column(c)
+        table.add_column(shown[c], no_wrap=c == "site")
     for _, row in df.iterrows():
         table.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols])
     console.print(table)

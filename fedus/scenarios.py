@@ -22,6 +22,7 @@ class Scenario:
     name: str
     description: str
     fit_teacher_steps: int
+    fit_teacher_lr: float
     config: RunConfig
 
 
@@ -46,4 +47,5 @@ def load_scenario(name_or_path: str, overrides: list[str] | None = None) -> Scen
         if not manifest.is_file():
             raise ConfigError(f"corpus manifest not found: {manifest} (set FEDUS_CORPUS to the corpus folder)")
         cfg = cfg.with_overrides({"data.manifest": str(manifest)})
-    return Scenario(path.stem, meta.get("description", ""), int(meta.get("fit-teacher-steps", 200)), cfg)
+    return Scenario(path.stem, meta.get("description", ""), int(meta.get("fit-teacher-steps", 200)),
+                    float(meta.get("fit-teacher-lr", 3e-4)), cfg)

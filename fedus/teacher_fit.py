@@ -73,5 +73,5 @@ def fit_teacher(cfg: RunConfig, out: Path, steps: int = 150, lr: float = 3e-4, d
     save_state(backbone.state_dict(), out, metadata={"arch": cfg.teacher.arch, "fitted_by": "fedus.teacher_fit"})
     data_label = data_label or (cfg.scenario if cfg.data.source == "synthetic" else str(manifest))
     source = (f"teacher fitted here on the pooled training splits of {data_label} "
-              f"(supervised: site labels + masks, {steps} steps, seed {cfg.seed}); not a foundation model")
+              f"(supervised: site labels + masks, {steps} steps, lr {lr:g}, seed {cfg.seed}); not a foundation model")
     return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"weights": str(out), "source": source})})

