@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 
 from client.replies import build_reply, site_facts
 from fedus.config import RunConfig
+from fedus.privacy import PrivacyLedger
 from fedus.site import Site, get_site
 
 app = ClientApp()
@@ -30,11 +31,32 @@ def site_for(context: Context) -> Site:
     return get_site(cfg, int(node["partition-id"]))
 
 
+def site_privacy(site: Site, context: Context) -> tuple[PrivacyLedger | None, float | None]:
+    """The site's own ledger file and epsilon budget, from its node config (`privacy-ledger`,
+    `epsilon-budget`): the server cannot raise a site's budget. In simulation, unset values fall
+    back to the run config (a per-site ledger under the run dir); a deployed site without a
+    budget refuses every DP round."""
+    if not site.cfg.privacy.enabled:
+        return None, None
+    node = context.node_config
+    ledger = None
+    if "privacy-ledger" in node:
+        ledger = PrivacyLedger(Path(str(node["privacy-ledger"])).expanduser(), site.cfg.privacy.accountant)
+    elif "data-path" in node:
+        path = Path(str(node["data-path"])).expanduser()
+        ledger = PrivacyLedger((path if path.is_dir() else path.parent) / "privacy-ledger.json", site.cfg.privacy.accountant)
+    budget = float(node["epsilon-budget"]) if "epsilon-budget" in node else None
+    return ledger, budget
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = site_for(context)
     sent = msg.content["arrays"].to_torch_state_dict()
-    state, metrics = site.train(sent, int(msg.content["config"]["server-round"]))
+    config = msg.content["config"]
+    rounds = int(config["rounds"]) if "rounds" in config else None  # the server's clock (server/app.py sends it)
+    ledger, budget = site_privacy(site, context)
+    state, metrics = site.train(sent, int(config["server-round"]), rounds, ledger, budget)
     expected = {k: v.shape for k, v in sent.items()}
     return build_reply(msg, metrics, site_facts(site.name, site.describe()), state, expected)
 

@@ -1,4 +1,4 @@
-"""`fedus` command line: demo, simulate, report.
+"""`fedus` command line: demo, simulate, report, data intake, and deployment (server, client, certs, site).
 
 User mistakes (bad paths, unknown model names, bad config values) end in one
 line on stderr and exit code 2, never a traceback.
@@ -16,9 +16,16 @@ from rich.console import Console
 from rich.table import Table
 
 from fedus.config import ConfigError
-from fedus.simulate import SimulationError
+from fedus.intake.cli import data_app
+from fedus.deployment.cli import certs_app, client_app, server, site_app
+from fedus.processes import FlowerProcessError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
+app.add_typer(data_app, name="data", help="Site data intake: scan an archive into a manifest; the shareable data card.")
+app.command(help="Start the consortium server (SuperLink, TLS + site auth) and run fedus on the sites.")(server)
+app.add_typer(client_app, name="client")
+app.add_typer(certs_app, name="certs")
+app.add_typer(site_app, name="site")
 console = Console(stderr=True)
 
 Sets = typer.Option(None, "--set", help="config override KEY=VALUE, e.g. train.lr=3e-4 (repeatable)")
@@ -128,7 +135,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory holding sum
 def main() -> None:
     try:
         app()
-    except (ConfigError, SimulationError) as err:
+    except (ConfigError, FlowerProcessError) as err:
         console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -38,6 +38,8 @@ class DataConfig(_Section):
     synthetic_centres: int = Field(3, ge=1)
     synthetic_images_per_centre: int = Field(120, ge=10)
     max_images_per_site: int = Field(0, ge=0, description="0 = all; caps CI-sized runs")
+    augment_policy: Literal["ultrasound", "natural"] = Field(
+        "ultrasound", description="training augmentation (train.augment = true): ultrasound-aware or ImageNet-style")
 
 
 class TeacherConfig(_Section):
@@ -68,10 +70,73 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0)
 
 
+class MaskedConsistencyConfig(_Section):
+    """TinyUSFM-style: spatial + frequency views, teacher-consistency weights, stages, MIM decoder."""
+
+    mask_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of patches masked in the spatial view")
+    patch_size: int = Field(16, ge=1, description="mask patch side at 224 px; scaled to data.image-size")
+    band_low: float = Field(0.25, ge=0.0, description="band-stop inner radius (1 = Nyquist on an axis)")
+    band_high: float = Field(0.6, gt=0.0, description="band-stop outer radius")
+    stages: int = Field(3, ge=1, description="teacher stages, evenly spaced over its depth; the last is the token grid")
+    consistency: Literal["token", "sample"] = "token"
+    weight_temperature: float = Field(0.1, gt=0.0, description="softmax temperature turning consistency into weights")
+    lambda_rec: float = Field(0.5, ge=0.0, description="weight of the masked-pixel reconstruction (MIM) term")
+    decoder_hidden: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _band_is_an_annulus(self) -> "MaskedConsistencyConfig":
+        if self.band_high <= self.band_low:
+            raise ValueError("band-high must be above band-low")
+        return self
+
+
+class RepulsiveKdConfig(_Section):
+    """MobileFetalCLIP's selective repulsive KD between two views (image-only form)."""
+
+    tau: float = Field(5.0, gt=0.0, description="teacher-only softening temperature")
+    teacher_logit_scale: float = Field(100.0, gt=0.0, description="CLIP-style scale of the teacher's cosines before /tau")
+    max_logit_scale: float = Field(100.0, gt=0.0, description="clamp of the student's learnable logit scale")
+    beta_start: float = 2.0
+    beta_end: float = -0.8
+    q_floor: float = Field(1e-4, gt=0.0, lt=1.0, description="floor on Q in L_off: bounds the repulsive (beta < 0) regime")
+    base_weight: float = Field(1.0, ge=0.0, description="token-MSE base term on view 1 (ignored when distill.loss lists token-mse)")
+
+
+class DistillConfig(_Section):
+    loss: str = Field("token-mse", description="'name' or 'name:w,name:w' over token-mse, masked-consistency, repulsive-kd")
+    masked_consistency: MaskedConsistencyConfig = MaskedConsistencyConfig()
+    repulsive_kd: RepulsiveKdConfig = RepulsiveKdConfig()
+
+
 class FederationConfig(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_sites: int = Field(1, ge=1)
     round_timeout: float = Field(3600.0, gt=0)
+    robust: Literal["none", "trimmed-mean", "median"] = Field(
+        "none", description="aggregation: example-weighted FedAvg, or Flower's coordinate-wise trimmed mean / median")
+    trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fraction cut at each end by robust = trimmed-mean")
+    max_norm_ratio: float = Field(
+        10.0, ge=0, description="reject an update whose norm exceeds this x the round's median (>= 3 sites; 0 = off)")
+
+
+class PrivacyConfig(_Section):
+    """Sample-level DP-SGD at each site (Opacus); the budget is enforced by the site's own ledger."""
+
+    enabled: bool = False
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample clipping norm")
+    noise_multiplier: float = Field(1.0, ge=0, description="0 = derive it per round from target-epsilon")
+    target_epsilon: float = Field(0.0, ge=0, description="epsilon one round alone may spend (with noise-multiplier = 0)")
+    delta: float = Field(0.0, ge=0, lt=1, description="0 = 1 / (10 x the site's training images)")
+    accountant: Literal["rdp", "prv"] = "rdp"
+    epsilon_budget: float = Field(
+        8.0, ge=0, description="simulation default only: a deployed site sets its own (node config 'epsilon-budget')")
+    ledger_dir: str = Field("", description="simulation: folder of per-site ledgers (empty = <run-dir>/privacy-ledgers)")
+
+    @model_validator(mode="after")
+    def _noise_or_target(self) -> "PrivacyConfig":
+        if self.enabled and self.noise_multiplier == 0 and self.target_epsilon == 0:
+            raise ValueError("set noise-multiplier > 0 or target-epsilon > 0")
+        return self
 
 
 class EvalConfig(_Section):
@@ -89,8 +154,10 @@ class RunConfig(_Section):
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     train: TrainConfig = TrainConfig()
+    distill: DistillConfig = DistillConfig()
     federation: FederationConfig = FederationConfig()
     eval: EvalConfig = EvalConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     # --- construction -------------------------------------------------------
     @classmethod

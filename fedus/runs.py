@@ -81,6 +81,27 @@ class RunRecorder:
         entry["aggregate"][f"{kind}_sites_failed"] = failed
         self.flush()
 
+    def record_counts(self, server_round: int, counts: dict[str, int]) -> None:
+        """Extra per-round counters (refused / rejected sites); zeros are left out."""
+        self._round(server_round).setdefault("aggregate", {}).update({k: v for k, v in counts.items() if v})
+        self.flush()
+
+    def record_privacy(self, server_round: int, per_site: dict[str, dict[str, Any]]) -> None:
+        """Per site: epsilon spent each round, total so far (as the site's ledger reports it), refusals."""
+        privacy = self.summary.setdefault("privacy", {})
+        for site, m in per_site.items():
+            if "epsilon_total" not in m and "refusal" not in m:
+                continue
+            entry = privacy.setdefault(site, {"epsilon_per_round": {}, "refused_rounds": {}})
+            for key in ("epsilon_total", "epsilon_budget", "delta"):
+                if key in m:
+                    entry[key] = m[key]
+            if "refusal" in m:
+                entry["refused_rounds"][str(server_round)] = m["refusal"]
+            else:
+                entry["epsilon_per_round"][str(server_round)] = m.get("epsilon_round", 0.0)
+        self.flush()
+
     def checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Path:
         name = f"global-round-{server_round:03d}.safetensors"
         path = save_state(state, self.dir / name, metadata={"round": str(server_round), "fedus": __version__})

@@ -17,9 +17,13 @@ import torch
 
 from fedus.config import RunConfig
 from fedus.data.sites import SiteData, load_site
+from fedus.distill.clock import RoundClock
+from fedus.distill.losses import attach_distill_modules, required_views
 from fedus.distill.site_step import site_step
 from fedus.evaluation.site_eval import probe_scores, teacher_agreement
 from fedus.models import Student, Teacher, create_student, create_teacher
+from fedus.privacy import BUDGET_EXHAUSTED, NO_BUDGET, DPPlan, PrivacyLedger, noise_for_round
+from fedus.privacy.ledger import simulation_ledger_path
 
 
 def pick_device() -> torch.device:
@@ -38,8 +42,10 @@ def teacher_spec(cfg: RunConfig) -> tuple[int, tuple[int, int]]:
 
 
 def initial_student(cfg: RunConfig, teacher: Teacher | None = None) -> Student:
-    dim, grid = (teacher.dim, teacher.grid) if teacher is not None else teacher_spec(cfg)
-    return create_student(cfg.student, dim, grid, cfg.data.image_size, cfg.seed)
+    """The round-0 student, with the chosen losses' trainable modules (`student.distill`) attached."""
+    teacher = teacher if teacher is not None else create_teacher(cfg.teacher.model_copy(update={"weights": ""}), cfg.data.image_size)
+    student = create_student(cfg.student, teacher.dim, teacher.grid, cfg.data.image_size, cfg.seed, dp_compatible=cfg.privacy.enabled)
+    return attach_distill_modules(student, teacher, cfg.distill, cfg.data.image_size, cfg.seed)
 
 
 class Site:
@@ -76,14 +82,65 @@ class Site:
         return {"n_train": len(d.train), "n_test": len(d.test), "classes": d.classes,
                 "has_masks": d.has_masks, "skipped": (d.train.report.skipped or {})}
 
-    def train(self, state: dict[str, torch.Tensor], server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def train(self, state: dict[str, torch.Tensor], server_round: int, rounds: int | None = None,
+              ledger: PrivacyLedger | None = None, epsilon_budget: float | None = None,
+              ) -> tuple[dict[str, torch.Tensor] | None, dict[str, float]]:
+        """`rounds`: the run's total as the server sent it (default: this config's), for the global clock.
+
+        With `privacy.enabled`: DP-SGD, charged to the site's ledger (default: the simulation
+        ledger under the run dir) against `epsilon_budget` (default: the run config's). A round
+        that would exceed the budget is refused: no training, state None, `refused` = 1."""
+        plan = None
+        if self.cfg.privacy.enabled:
+            ledger = ledger or PrivacyLedger(simulation_ledger_path(self.cfg, self.name), self.cfg.privacy.accountant)
+            budget = self.cfg.privacy.epsilon_budget if epsilon_budget is None and not self.own_manifest else epsilon_budget
+            plan, refusal = self.privacy_plan(ledger, budget)
+            if refusal:
+                return None, refusal
         ref_n = min(len(self.data.train), self.cfg.train.batch_size)
         reference = self.data.train.images[:ref_n].float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+        views = required_views(self.cfg.distill)
+        train_set = (self.data.train_augmented(self.cfg.data.augment_policy, views) if self.cfg.train.augment
+                     else self.data.train)
         result = site_step(
-            self.student(state), self.teacher, self.data.train_augmented() if self.cfg.train.augment else self.data.train,
+            self.student(state), self.teacher, train_set,
             reference, self.cfg.train, derived_seed(self.cfg.seed, server_round, self.name), self.device,
+            distill=self.cfg.distill, clock=RoundClock(server_round, rounds or self.cfg.rounds), privacy=plan,
         )
+        if plan is not None:
+            return result.state, self.charge(ledger, plan, result.metrics, server_round, budget)
         return result.state, result.metrics
+
+    @property
+    def delta(self) -> float:
+        return self.cfg.privacy.delta or 1.0 / (10 * max(len(self.data.train), 1))
+
+    def privacy_plan(self, ledger: PrivacyLedger, budget: float | None) -> tuple[DPPlan, dict[str, float] | None]:
+        """This round's DP-SGD plan, and the refusal metrics if the site's budget does not allow it."""
+        p, steps = self.cfg.privacy, self.cfg.train.local_steps
+        plan = DPPlan.for_site(len(self.data.train), self.cfg.train.batch_size, p.noise_multiplier, p.max_grad_norm)
+        if p.noise_multiplier == 0:
+            noise = noise_for_round(p.target_epsilon, self.delta, plan.sample_rate, steps, p.accountant)
+            plan = DPPlan(noise, plan.max_grad_norm, plan.sample_rate, plan.expected_batch_size)
+        spent = ledger.epsilon(self.delta)
+        projected = ledger.epsilon(self.delta, [(plan.noise_multiplier, plan.sample_rate, steps)])
+        code = NO_BUDGET if budget is None else BUDGET_EXHAUSTED if projected > budget else 0
+        if not code:
+            return plan, None
+        return plan, {"refused": 1, "refusal_code": code, "num-examples": 0, "epsilon_total": spent,
+                      "epsilon_projected": projected, "epsilon_budget": float(budget or 0.0), "delta": self.delta}
+
+    def charge(self, ledger: PrivacyLedger, plan: DPPlan, metrics: dict[str, float], server_round: int,
+               budget: float) -> dict[str, float]:
+        """Record the round in the ledger (atomically) and keep only metrics DP covers."""
+        before = ledger.epsilon(self.delta)
+        total = ledger.record((plan.noise_multiplier, plan.sample_rate, int(metrics["dp_steps"])), self.delta,
+                              round=server_round)
+        # Losses on training images are exact statistics of private data, outside the DP guarantee: kept home.
+        private = {k for k in metrics if k.startswith("train_") or k in ("loss_before", "loss_after")}
+        return {k: v for k, v in metrics.items() if k not in private} | {
+            "refused": 0, "epsilon_round": total - before, "epsilon_total": total, "epsilon_budget": budget,
+            "delta": self.delta}
 
     def evaluate(self, state: dict[str, torch.Tensor], server_round: int) -> dict[str, float]:
         """Agreement every round; probes at the configured rounds (teacher's at round 0 only)."""

@@ -12,10 +12,12 @@ from logging import WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from fedus.config import RunConfig
+from fedus.privacy.accounting import REFUSALS
 from fedus.runs import RunRecorder
+from server.validation import validate_updates
 
 SITE_RECORD = "site"
 SCORES_RECORD = "site-scores"
@@ -39,15 +41,20 @@ class FedusFedAvg(FedAvg):
                          evaluate_metrics_aggr_fn=mean_of_common_metrics, **kwargs)
         self.cfg = cfg
         self.recorder = recorder
+        self.beta = cfg.federation.trim_beta  # read by FedTrimmedAvg.aggregate_train
+        self.sent: ArrayRecord | None = None  # the global student of the round being trained
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.sent = arrays  # updates are validated against what was sent
         # Flower passes the same ConfigRecord every round: copy before adding to it.
         return super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         return super().configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)
 
-    def _per_site(self, server_round: int, kind: str, replies: Iterable[Message]) -> list[Message]:
+    def _per_site(self, server_round: int, kind: str, replies: Iterable[Message],
+                  notes: dict[int, dict] | None = None) -> list[Message]:
+        """`notes`: extra per-site fields (refusal, rejection) keyed by id() of the reply."""
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
         per_site, sites = {}, {}
@@ -57,6 +64,7 @@ class FedusFedAvg(FedAvg):
             per_site[name] = dict(next(iter(m.content.metric_records.values())))
             if SCORES_RECORD in m.content:
                 per_site[name].update(dict(m.content[SCORES_RECORD]))
+            per_site[name].update((notes or {}).get(id(m), {}))
             sites[name] = info
         for m in replies:
             if m.has_error():
@@ -65,9 +73,40 @@ class FedusFedAvg(FedAvg):
         self.recorder.record(server_round, kind, per_site, failed=len(replies) - len(ok))
         return replies
 
+    def screen(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[int, dict]]:
+        """Drop refusals (a site's privacy budget said no) and invalid updates before aggregation."""
+        ok = [m for m in replies if not m.has_error()]
+        notes, offered = {}, []
+        for m in ok:
+            metrics = next(iter(m.content.metric_records.values()), {})
+            if int(metrics.get("refused", 0)):
+                reason = REFUSALS.get(int(metrics.get("refusal_code", 0)), "unknown")
+                notes[id(m)] = {"refusal": reason}
+                log(WARNING, "round %s: node %s refused to train (%s)", server_round, m.metadata.src_node_id, reason)
+            else:
+                offered.append(m)
+        usable = []
+        for v in validate_updates(offered, self.sent, self.cfg.federation.max_norm_ratio):
+            if v.reason is None:
+                usable.append(v.reply)
+                notes[id(v.reply)] = {"update_norm": v.norm} if v.norm is not None else {}
+            else:
+                notes[id(v.reply)] = {"rejected": v.reason} | ({"update_norm": v.norm} if v.norm is not None else {})
+                log(WARNING, "round %s: update from node %s rejected (%s)", server_round, v.reply.metadata.src_node_id, v.reason)
+        return usable, notes
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = self._per_site(server_round, "train", replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        replies = list(replies)
+        usable, notes = self.screen(server_round, replies)
+        self._per_site(server_round, "train", replies, notes)
+        counts = {"train_sites_refused": sum("refusal" in n for n in notes.values()),
+                  "train_sites_rejected": sum("rejected" in n for n in notes.values())}
+        self.recorder.record_counts(server_round, counts)
+        train = next(e for e in self.recorder.summary["rounds"] if e["round"] == server_round).get("train", {})
+        self.recorder.record_privacy(server_round, train)
+        robust = {"median": FedMedian.aggregate_train, "trimmed-mean": FedTrimmedAvg.aggregate_train}
+        aggregate = robust.get(self.cfg.federation.robust, FedAvg.aggregate_train)  # Flower's own aggregation
+        arrays, metrics = aggregate(self, server_round, usable) if usable else (None, None)
         if arrays is not None:
             self.recorder.checkpoint(server_round, arrays.to_torch_state_dict())
         return arrays, metrics

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from fedus.processes import flower_home_pids
+
 pytestmark = pytest.mark.flower
 FEDUS = [sys.executable, "-m", "fedus"]
 
@@ -27,15 +29,7 @@ def _env(tmp_path: Path, corpus: str | None) -> dict[str, str]:
 
 
 def _alive_for(run_dir: Path) -> list[int]:
-    marker = f"FLWR_HOME={run_dir / 'flwr-home'}".encode()
-    alive = []
-    for p in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker in (p / "environ").read_bytes().split(b"\0"):
-                alive.append(int(p.name))
-        except OSError:
-            pass
-    return alive
+    return flower_home_pids(run_dir / "flwr-home")
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float) -> tuple[subprocess.CompletedProcess, float]:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from fedus.data.augment import UltrasoundAugment
+from fedus.data.augment import create_augment
 
 
 @dataclass
@@ -46,13 +46,18 @@ def _load(path: str, size: int, resample: int) -> np.ndarray:
 
 
 class ManifestDataset(Dataset):
-    """Items: image float [3,S,S] in [0,1], mask float [1,S,S], has_mask, label (-1 = none)."""
+    """Items: image float [3,S,S] in [0,1], mask float [1,S,S], has_mask, label (-1 = none);
+    with `views=2` also `view2`, a second independent draw of the augmentation (two-view losses).
 
-    def __init__(self, df: pd.DataFrame, image_size: int, classes: list[str], augment: bool = False):
+    `augment`: False, True (= 'ultrasound') or a policy name (fedus.data.augment)."""
+
+    def __init__(self, df: pd.DataFrame, image_size: int, classes: list[str], augment: bool | str = False, views: int = 1):
         self.size = image_size
         self.classes = classes
         self.report = LoadReport()
-        self.augment = UltrasoundAugment(image_size) if augment else None
+        policy = "ultrasound" if augment is True else augment
+        self.augment = create_augment(policy, image_size) if policy else None
+        self.views = views
         images, masks, has_mask, labels = [], [], [], []
         class_index = {c: i for i, c in enumerate(classes)}
         for row in df.itertuples(index=False):
@@ -83,12 +88,14 @@ class ManifestDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        image = self.images[i].float().div(255).expand(3, -1, -1)
-        if self.augment is not None:
-            image = self.augment(image)
-        return {
+        raw = self.images[i].float().div(255).expand(3, -1, -1)
+        image = self.augment(raw) if self.augment is not None else raw
+        item = {
             "image": image.contiguous(),
             "mask": self.masks[i].float().unsqueeze(0),
             "has_mask": self.has_mask[i],
             "label": self.labels[i],
         }
+        if self.views > 1:
+            item["view2"] = (self.augment(raw) if self.augment is not None else raw).contiguous()
+        return item

@@ -44,9 +44,9 @@ class SiteData:
     def test(self) -> ManifestDataset:
         return ManifestDataset(self.test_rows, self.image_size, self.classes)
 
-    def train_augmented(self) -> ManifestDataset:
-        """Shares decoded pixels with `train`; only the view differs."""
-        ds = ManifestDataset(self.train_rows.iloc[:0], self.image_size, self.classes, augment=True)
+    def train_augmented(self, policy: str = "ultrasound", views: int = 1) -> ManifestDataset:
+        """Shares decoded pixels with `train`; only the view(s) differ (`policy`: fedus.data.augment)."""
+        ds = ManifestDataset(self.train_rows.iloc[:0], self.image_size, self.classes, augment=policy, views=views)
         ds.images, ds.masks, ds.has_mask, ds.labels = (
             self.train.images, self.train.masks, self.train.has_mask, self.train.labels)
         ds.report = self.train.report

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fedus.config import TrainConfig
-from fedus.distill.losses import mixup, token_mse
+from fedus.config import DistillConfig, TrainConfig
+from fedus.distill.clock import RoundClock
+from fedus.distill.losses import StepInputs, create_objective, mixup, token_mse  # noqa: F401 (mixup: re-export)
 from fedus.models import Student, Teacher
+from fedus.privacy.dp_sgd import DPPlan, PrivateTraining, private_train_config
 
 
 @dataclass
@@ -50,8 +52,19 @@ def site_step(
     cfg: TrainConfig,
     seed: int,
     device: torch.device,
+    distill: DistillConfig | None = None,
+    clock: RoundClock | None = None,
+    privacy: DPPlan | None = None,
 ) -> StepResult:
-    """Distil for `cfg.local_steps` AdamW steps on the site's (augmented) training images."""
+    """Distil for `cfg.local_steps` AdamW steps on the site's (augmented) training images.
+
+    `distill` picks the loss(es) (default token-MSE); `clock` is the server's round
+    clock, so run-long schedules (repulsive-KD's beta) agree across sites.
+    `privacy` turns the loop into DP-SGD (Poisson batches, clipped + noised steps)."""
+    if privacy is not None:
+        cfg = private_train_config(cfg, distill)  # no mixup, fp32, per-sample loss
+    objective = create_objective(distill, mixup=cfg.mixup)
+    clock = clock or RoundClock()
     torch.manual_seed(seed)  # torchvision's augmentations draw from the global RNG
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
@@ -63,28 +76,41 @@ def site_step(
     teacher.to(device, memory_format=memory_format)
     reference_images = reference_images.to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dp = PrivateTraining(student, optimizer, train_set, privacy, seed, device, cfg.num_workers) if privacy else None
+    if dp is not None:
+        loader, optimizer = dp.loader, dp.optimizer
 
     loss_before = distill_loss_on(student, teacher, reference_images, cfg.precision)
     losses: list[float] = []
     seen, start = 0, time.perf_counter()
     batches = iter(loader)
-    for _ in range(cfg.local_steps):
+    parts_sum: dict[str, float] = {}
+    for step in range(cfg.local_steps):
         try:
             batch = next(batches)
         except StopIteration:
             batches = iter(loader)
             batch = next(batches)
         images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
-        if cfg.mixup and images.shape[0] > 1:
-            images = mixup(images, generator)
+        if dp is not None and images.shape[0] == 0:
+            dp.noise_only_step()  # Poisson sampling drew nobody: still a (noise-only) step
+            continue
+        views = [images] + [batch[k].to(device, non_blocking=True, memory_format=memory_format)
+                            for k in ("view2",) if k in batch and objective.views > 1]
+        inputs = StepInputs(student, teacher, views, generator, clock.progress(step, cfg.local_steps))
         with autocast_for(device, cfg.precision):
-            loss = token_mse(student(images), teacher(images))
+            out = objective(inputs)  # mixup (train.mixup) happens inside token-mse
+        loss = out.loss
+        for key, value in out.parts.items():
+            parts_sum[key] = parts_sum.get(key, 0.0) + value
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
         seen += images.shape[0]
     seconds = time.perf_counter() - start
+    if dp is not None:
+        dp.close()
     loss_after = distill_loss_on(student, teacher, reference_images, cfg.precision)
 
     k = max(1, min(3, len(losses) // 3))
@@ -98,6 +124,7 @@ def site_step(
         "steps": len(losses),
         "seconds": seconds,
         "images_per_s": seen / max(seconds, 1e-9),
-    }
+        "progress_end": clock.progress(cfg.local_steps, cfg.local_steps),
+    } | {f"train_{k}": v / max(len(losses), 1) for k, v in parts_sum.items()} | (dp.metrics() if dp else {})
     state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
     return StepResult(state=state, metrics=metrics)

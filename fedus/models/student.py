@@ -44,9 +44,30 @@ class Student(nn.Module):
         return tokens.flatten(2).transpose(1, 2)
 
 
-def create_student(cfg: StudentConfig, teacher_dim: int, teacher_grid: tuple[int, int], image_size: int, seed: int) -> Student:
-    """Seeded, so the server and every site agree on the round-0 student."""
+def create_student(cfg: StudentConfig, teacher_dim: int, teacher_grid: tuple[int, int], image_size: int, seed: int,
+                   dp_compatible: bool = False) -> Student:
+    """Seeded, so the server and every site agree on the round-0 student.
+
+    `dp_compatible` (DP-SGD runs) swaps BatchNorm for GroupNorm and reshapes a few
+    layers for Opacus; its state-dict keys differ, so server and sites must agree on it."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = create_backbone(cfg.arch, image_size)
-        return Student(backbone, cfg.head_hidden, teacher_dim, teacher_grid, image_size)
+        if dp_compatible:
+            from fedus.privacy import make_dp_compatible
+
+            backbone = make_dp_compatible(backbone, cfg.arch)
+        student = Student(backbone, cfg.head_hidden, teacher_dim, teacher_grid, image_size)
+    if dp_compatible:
+        freeze_unused(student, image_size)
+    return student
+
+
+def freeze_unused(student: Student, image_size: int) -> None:
+    """Freeze parameters `forward` never reaches (a ViT's final norm, a CNN's conv_head): DP-SGD
+    needs a per-sample gradient for every trainable parameter, and these would never get one."""
+    student(torch.zeros(2, 3, image_size, image_size)).sum().backward()
+    for p in student.parameters():
+        if p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None

@@ -295,10 +295,33 @@ def _markdown(summary: dict, rows: list[dict], png_name: str) -> str:
     parts += [f"- **{k}:** {_md_cell(v)}" for k, v in _provenance_items(summary)]
     parts += ["", "## Per-site results", "", _md_table(OVERVIEW_HEAD, _overview_rows(rows)), "",
               "### Probes: teacher / random-init student / distilled student", "",
-              _md_table(PROBE_HEAD, _probe_rows(rows, infos)), "",
-              "## Per-round curves", "", f"![per-round curves]({png_name})", "", "## How to read this", "",
+              _md_table(PROBE_HEAD, _probe_rows(rows, infos)), ""]
+    if _privacy_rows(summary):
+        parts += ["## Privacy and update validation", "", _md_table(PRIVACY_HEAD, _privacy_rows(summary)), ""]
+    parts += ["## Per-round curves", "", f"![per-round curves]({png_name})", "", "## How to read this", "",
               HOW_TO_READ, ""]
     return "\n".join(parts)
+
+
+PRIVACY_HEAD = ["site", "epsilon per round", "epsilon total", "budget", "delta", "refused rounds", "rejected updates"]
+
+
+def _privacy_rows(summary: dict) -> list[list[str]]:
+    """Sites' DP spend as their ledgers reported it, refusals, and updates the server rejected."""
+    privacy = summary.get("privacy") or {}
+    rejected: dict[str, list[str]] = {}
+    for entry in summary.get("rounds") or []:
+        for site, m in (entry.get("train") or {}).items():
+            if isinstance(m, dict) and "rejected" in m:
+                rejected.setdefault(site, []).append(f"{entry.get('round')}: {m['rejected']}")
+    rows = []
+    for site in sorted(set(privacy) | set(rejected)):
+        p = privacy.get(site, {})
+        per_round = ", ".join(f"r{r}: {_fmt(v)}" for r, v in (p.get("epsilon_per_round") or {}).items())
+        refused = ", ".join(f"r{r}: {why}" for r, why in (p.get("refused_rounds") or {}).items())
+        rows.append([site, per_round or "-", _fmt(p.get("epsilon_total")), _fmt(p.get("epsilon_budget")),
+                     f"{p['delta']:.1e}" if isinstance(p.get("delta"), float) else "-", refused or "-", "; ".join(rejected.get(site, [])) or "-"])
+    return rows
 
 
 def _html_table(head: list[str], rows: list[list[str]]) -> str:
@@ -327,7 +350,9 @@ def _html(summary: dict, rows: list[dict], png_bytes: bytes) -> str:
         f"<h2>Per-site results</h2>\n{_html_table(OVERVIEW_HEAD, _overview_rows(rows))}\n"
         f"<h3>Probes: teacher / random-init student / distilled student</h3>\n"
         f"{_html_table(PROBE_HEAD, _probe_rows(rows, summary.get('sites') or {}))}\n"
-        f'<h2>Per-round curves</h2>\n<img alt="per-round curves" src="data:image/png;base64,{img}">\n'
+        + (f"<h2>Privacy and update validation</h2>\n{_html_table(PRIVACY_HEAD, _privacy_rows(summary))}\n"
+           if _privacy_rows(summary) else "")
+        + f'<h2>Per-round curves</h2>\n<img alt="per-round curves" src="data:image/png;base64,{img}">\n'
         f"<h2>How to read this</h2>\n<p>{e(HOW_TO_READ)}</p>\n</body></html>\n"
     )
 

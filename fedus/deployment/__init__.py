@@ -1,0 +1,1 @@
+"""Running fedus across hospitals on Flower's deployment runtime: certificates, server, sites."""

@@ -1,0 +1,123 @@
+"""`fedus client start`: this hospital's Flower SuperNode, with its node config, CA and private key.
+
+The SuperNode dials out to the server (no inbound port at the hospital),
+retries with Flower's own exponential back-off while the server is away, and
+runs the fedus ClientApp on the site's own manifest. What leaves the site is
+decided in client/replies.py, not here.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedus.config import ConfigError
+from fedus.processes import FlowerProcessError, flower_bin, flower_env, free_port, kill_flower_home, kill_group, start
+
+
+@dataclass
+class SiteSettings:
+    name: str
+    data: Path  # the site's manifest CSV, or a folder holding manifest.csv
+    server: str  # host:port of the SuperLink
+    state: Path  # FLWR_HOME, logs, privacy ledger
+    root_cert: Path | None = None  # None = --insecure
+    private_key: Path | None = None
+    epsilon_budget: float | None = None
+    max_wait: float | None = None  # give up reconnecting after this many seconds (None = keep trying)
+    extra_node_config: dict[str, str | float | int] = field(default_factory=dict)
+
+
+def node_config(s: SiteSettings) -> str:
+    """Flower's --node-config string: what the ClientApp learns about this site (client/app.py)."""
+    values: dict = {"site-name": s.name, "data-path": str(s.data.resolve()),
+                    "privacy-ledger": str((s.state / "privacy-ledger.json").resolve())}
+    if s.epsilon_budget is not None:
+        values["epsilon-budget"] = float(s.epsilon_budget)
+    values.update(s.extra_node_config)
+    return " ".join(f"{k}={v!r}".replace("'", '"') if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
+
+
+def command(s: SiteSettings, runtime_port: int) -> list[str]:
+    if not s.data.exists():
+        raise ConfigError(f"site data not found: {s.data}")
+    cmd = [flower_bin("flower-supernode"), "--superlink", s.server, "--port", str(runtime_port),
+           "--node-config", node_config(s), "--isolation", "subprocess"]
+    if s.max_wait is not None:
+        cmd += ["--max-wait-time", str(s.max_wait)]
+    if s.root_cert is None:
+        return cmd + ["--insecure"]
+    if not Path(s.root_cert).is_file():
+        raise ConfigError(f"root certificate not found: {s.root_cert} (the consortium's ca.crt)")
+    cmd += ["--root-certificates", str(Path(s.root_cert).resolve())]
+    if s.private_key is not None:
+        if not Path(s.private_key).is_file():
+            raise ConfigError(f"site private key not found: {s.private_key} (make it with `fedus site keygen {s.name}`)")
+        cmd += ["--auth-supernode-private-key", str(Path(s.private_key).resolve())]
+    return cmd
+
+
+NOT_REGISTERED = "this site's key is not registered with the server: send NAME.pub to the consortium (`fedus site register`)"
+
+
+def explain_exit(code: int, log_text: str, log: Path) -> str:
+    """Flower's exit codes and log lines -> what the site operator should do."""
+    if "Failed to activate SuperNode" in log_text:
+        return NOT_REGISTERED
+    if "WRONG_VERSION_NUMBER" in log_text or "wrong version number" in log_text.lower():
+        return "TLS mismatch: the server does not speak TLS (or this site was started with --insecure against a TLS server)"
+    if "Server disconnected without sending a response" in log_text:
+        return ("TLS mismatch or wrong port: the server closed the connection without answering, "
+                "as a TLS server does to a site started with --insecure")
+    if "CERTIFICATE_VERIFY_FAILED" in log_text or "certificate verify failed" in log_text.lower():
+        return "the server's certificate is not signed by the given root certificate (wrong ca.crt?)"
+    return f"SuperNode exited with {code}; see {log}"
+
+
+def run_site(s: SiteSettings) -> int:
+    """Run the SuperNode in the foreground until it ends or we are interrupted; kill all it started.
+
+    Flower retries lost connections itself, but gives up after a few tries when the
+    SuperLink does not (yet) know this site's key: a site started before its key is
+    registered keeps trying here, with back-off, until `max_wait`.
+    """
+    s.state.mkdir(parents=True, exist_ok=True)
+    home = (s.state / "flwr-home").resolve()
+    home.mkdir(exist_ok=True)
+    log = s.state / "supernode.log"
+    began, delay = time.monotonic(), 2.0
+    stopping = False
+
+    def stop(signum, frame):  # forward Ctrl-C / SIGTERM to the whole SuperNode process group
+        nonlocal stopping
+        stopping = True
+        kill_group(proc)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            offset = log.stat().st_size if log.is_file() else 0
+            proc = start(command(s, free_port()), flower_env(home), log)
+            (s.state / "supernode.pid").write_text(str(proc.pid))
+            try:
+                code = proc.wait()
+            finally:
+                kill_group(proc)
+                kill_flower_home(home)
+            if stopping or code == 0:
+                return 0
+            with open(log, "rb") as f:
+                f.seek(offset)
+                message = explain_exit(code, f.read().decode(errors="replace"), log)
+            out_of_time = s.max_wait is not None and time.monotonic() - began + delay > s.max_wait
+            if message != NOT_REGISTERED or out_of_time:
+                raise FlowerProcessError(message)
+            print(f"{message}; retrying in {delay:.0f}s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 60.0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,107 @@
+"""The site data card: the only intake output that may leave the site.
+
+It holds aggregate counts only, over a fixed allow-list of technical fields
+(manufacturer, model, transducer, photometric, frame count, image size) — never
+paths, UIDs, dates, patient data or institution names, because none of those
+columns are ever read. Small cells are suppressed: a value seen in fewer than
+k files is not named at all but pooled into "other", and any count under k is
+shown as "<k", so a rare device cannot single out a patient or a site.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from fedus.config import ConfigError
+
+CARD_VERSION = 1
+K_ANONYMITY = 5
+FIELDS = ("manufacturer", "model", "transducer", "photometric", "frames", "image_size")
+FRAME_BINS = ((1, "1"), (10, "2-10"), (50, "11-50"), (200, "51-200"))
+OTHER = "other"
+UNKNOWN = "unknown"
+
+
+def _frames_bin(value: str) -> str:
+    try:
+        n = int(float(value))
+    except ValueError:
+        return UNKNOWN
+    return next((label for top, label in FRAME_BINS if n <= top), ">200")
+
+
+def _count(n: int, k: int) -> int | str:
+    return n if n >= k else f"<{k}"
+
+
+def _suppressed(values: list[str], k: int) -> dict[str, int | str]:
+    counts = Counter(v or UNKNOWN for v in values)
+    shown = {v: n for v, n in counts.most_common() if n >= k and v != OTHER}
+    rare = sum(n for v, n in counts.items() if v not in shown)
+    out: dict[str, int | str] = dict(shown)
+    if rare:
+        out[OTHER] = _count(rare, k)
+    return out
+
+
+def data_card(manifest: str | Path, k: int = K_ANONYMITY) -> dict:
+    """Aggregate, small-cell-suppressed counts of a manifest, per source file."""
+    path = Path(manifest).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"manifest not found: {path}")
+    if k < 2:
+        raise ConfigError(f"k must be >= 2, got {k}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise ConfigError(f"{path}: not a readable CSV ({err.__class__.__name__})") from None
+    get = lambda col: df[col] if col in df.columns else pd.Series([""] * len(df), dtype=str)  # noqa: E731
+    files = df.drop_duplicates("source_hash") if "source_hash" in df.columns else df
+    fcol = lambda col: list(get(col).loc[files.index])  # noqa: E731
+    sizes = [f"{c}x{r}" if r and c else "" for r, c in zip(fcol("rows"), fcol("cols"))]
+    by = {
+        "manufacturer": _suppressed(fcol("manufacturer"), k),
+        "model": _suppressed(fcol("model"), k),
+        "transducer": _suppressed(fcol("transducer"), k),
+        "photometric": _suppressed(fcol("photometric"), k),
+        "frames": _suppressed([_frames_bin(v) if v else "" for v in fcol("n_frames")], k),
+        "image_size": _suppressed(sizes, k),
+    }
+    burned = (get("burned_in").loc[files.index].str.lower() == "true").sum()
+    return {
+        "card": "fedus site data card", "version": CARD_VERSION, "k": k,
+        "files": _count(len(files), k), "images": _count(len(df), k),
+        "burned_in_annotation": _count(int(burned), k) if burned else 0,
+        "by": by,
+    }
+
+
+def render_markdown(card: dict) -> str:
+    lines = [f"# Site data card (counts per source file; cells under {card['k']} shown as <{card['k']})", "",
+             f"- files: {card['files']}", f"- images (rows): {card['images']}",
+             f"- flagged burned-in annotation: {card['burned_in_annotation']}", ""]
+    for field_name in FIELDS:
+        lines += [f"## {field_name.replace('_', ' ')}", "", "| value | files |", "|---|---|"]
+        lines += [f"| {value} | {n} |" for value, n in card["by"][field_name].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def card_paths(folder: Path) -> tuple[Path, Path]:
+    """Default card files (JSON, Markdown) beside a manifest."""
+    return folder / "data-card.json", folder / "data-card.md"
+
+
+def write_card(manifest: str | Path, out: str | Path | None = None, k: int = K_ANONYMITY) -> tuple[Path, Path]:
+    """Write `<out>.json` and its Markdown beside it (default: data-card.json next to the manifest)."""
+    card = data_card(manifest, k)
+    json_path = Path(out) if out else card_paths(Path(manifest).expanduser().parent)[0]
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(card, indent=1))
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(render_markdown(card))
+    return json_path, md_path

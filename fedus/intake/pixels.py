@@ -1,0 +1,58 @@
+"""DICOM frames -> 8-bit grayscale, whatever the photometric interpretation.
+
+Students train on grayscale B-mode, so colour (Doppler overlays, palette maps,
+RGB screen captures) is reduced to luma. pydicom 3 already converts YBR_* to RGB
+while decoding (`as_rgb=True`), so every colour path ends in RGB -> luma (ITU-R
+BT.601, the weights YBR's Y uses).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut, pixel_array
+
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")
+PALETTE = "PALETTE COLOR"
+SUPPORTED_PHOTOMETRIC = (*MONOCHROME, *COLOUR, PALETTE)
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class UnsupportedPhotometric(ValueError):
+    """Pixel data whose photometric interpretation fedus cannot map to grayscale."""
+
+
+def _to_8bit(arr: np.ndarray, bits: int) -> np.ndarray:
+    """Scale by the declared bit depth (not by content), so frames of one cine stay comparable."""
+    if arr.dtype == np.uint8 and bits <= 8:
+        return arr
+    arr = arr.astype(np.float32)
+    return np.clip(arr * (255.0 / (2**bits - 1)), 0, 255).round().astype(np.uint8)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return np.clip(rgb.astype(np.float32) @ _LUMA, 0, 255).round().astype(np.uint8)
+
+
+def gray_frame(ds: Dataset, index: int) -> np.ndarray:
+    """Frame `index` of `ds` as uint8 [rows, cols]; raises on decode errors."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise UnsupportedPhotometric(photometric or "missing")
+    arr = pixel_array(ds, index=index)
+    bits = int(ds.get("BitsStored", 8) or 8)
+    if photometric in MONOCHROME:
+        if arr.ndim != 2:
+            raise UnsupportedPhotometric(f"{photometric} with {arr.shape[-1]} samples per pixel")
+        if int(ds.get("PixelRepresentation", 0) or 0) == 1:  # signed: shift to unsigned range
+            arr = arr.astype(np.int32) + 2 ** (bits - 1)
+        gray = _to_8bit(arr, bits)
+        return 255 - gray if photometric == "MONOCHROME1" else gray
+    if photometric == PALETTE:
+        rgb = apply_color_lut(arr, ds)
+        lut_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        return _luma(_to_8bit(rgb, lut_bits))
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise UnsupportedPhotometric(f"{photometric} with shape {arr.shape}")
+    return _luma(_to_8bit(arr, bits))

@@ -1,0 +1,103 @@
+"""DP-SGD for the site step: per-sample clipping, Gaussian noise, Poisson sampling (Opacus).
+
+Built from Opacus' parts (GradSampleModule, DPOptimizer, the uniform
+with-replacement sampler) rather than `PrivacyEngine.make_private`, because
+accounting lives in the site's ledger (it must outlive the engine) and fedus
+batches are dicts, which Opacus' empty-batch collate does not handle.
+The hooks go onto the student itself, so `student(x)` - the unchanged loss
+code of the site step - records per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from fedus.config import ConfigError, DistillConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """What one round of DP-SGD at a site will do (and what its ledger entry will say)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    expected_batch_size: int
+
+    @classmethod
+    def for_site(cls, n_train: int, batch_size: int, noise_multiplier: float, max_grad_norm: float) -> "DPPlan":
+        rate = min(1.0, batch_size / max(n_train, 1))
+        return cls(noise_multiplier, max_grad_norm, rate, max(1, round(rate * n_train)))
+
+
+# Images never require grad, so the first hooked layer always triggers this (harmless) notice.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+
+
+class _EmptyAware:
+    """Collate that returns an empty batch (Poisson sampling can draw no sample) instead of failing."""
+
+    def __init__(self, example: dict):
+        self.empty = {k: v.new_empty((0, *v.shape)) for k, v in example.items() if torch.is_tensor(v)}
+
+    def __call__(self, batch: list):
+        return default_collate(batch) if batch else dict(self.empty)
+
+
+class PrivateTraining:
+    def __init__(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer, train_set: Dataset, plan: DPPlan,
+                 seed: int, device: torch.device, num_workers: int = 0):
+        self.plan = plan
+        self.student = student
+        self.module = GradSampleModule(student, loss_reduction="mean", strict=True)
+        noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        self.optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                                     expected_batch_size=plan.expected_batch_size, loss_reduction="mean",
+                                     generator=noise_gen)
+        self.steps = 0
+        self.optimizer.attach_step_hook(self._count)
+        sampler = UniformWithReplacementSampler(num_samples=len(train_set), sample_rate=plan.sample_rate,
+                                                generator=torch.Generator().manual_seed(seed))
+        self.loader = DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers,
+                                 collate_fn=_EmptyAware(train_set[0]))
+
+    def _count(self, _optimizer) -> None:
+        self.steps += 1
+
+    def noise_only_step(self) -> None:
+        """An empty Poisson batch is still a step: the update is pure noise, as the accountant assumes."""
+        for p in self.student.parameters():
+            if p.requires_grad:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Remove the hooks and per-sample buffers: the student leaves as a plain module."""
+        self.module._close()
+
+    def metrics(self) -> dict[str, float]:
+        return {"dp_steps": self.steps, "noise_multiplier": self.plan.noise_multiplier,
+                "sample_rate": self.plan.sample_rate, "max_grad_norm": self.plan.max_grad_norm}
+
+
+def private_train_config(cfg: TrainConfig, distill: DistillConfig | None) -> TrainConfig:
+    """The training settings DP-SGD can account for.
+
+    * no mixup: a mixed image carries two training images, so clipping it bounds
+      neither image's influence and the per-sample accounting would not hold;
+    * fp32: Opacus' grad samplers run in the backward hooks, outside autocast;
+    * per-sample losses only (token-MSE): losses that compare samples within a
+      batch (in-batch contrast) give no per-sample gradient to clip.
+    """
+    loss = (distill.loss if distill is not None else "token-mse").replace(" ", "")
+    if loss not in ("token-mse", "token-mse:1", "token-mse:1.0"):
+        raise ConfigError(f"privacy.enabled needs distill.loss = 'token-mse' (per-sample), got '{loss}'")
+    return cfg.model_copy(update={"mixup": False, "precision": "fp32"})

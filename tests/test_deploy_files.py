@@ -1,0 +1,67 @@
+"""deploy/: the container, compose and Kubernetes files parse, and every fedus command they run exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+import typer
+import yaml
+
+from fedus.cli import app
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def parse_cli(args: list[str]) -> click.Context:
+    """Parse `fedus ARGS` as the CLI would, without running anything; raises on unknown commands/options."""
+    cmd: click.Command = typer.main.get_command(app)
+    ctx = cmd.make_context("fedus", list(args), resilient_parsing=False)
+    while isinstance(cmd, click.Group):
+        rest = [*ctx.protected_args, *ctx.args] if hasattr(ctx, "protected_args") else list(ctx.args)
+        name, cmd, rest = cmd.resolve_command(ctx, rest)
+        ctx = cmd.make_context(name, rest, parent=ctx)
+    return ctx
+
+
+def _commands() -> list[list[str]]:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    found = [svc["command"] for svc in compose["services"].values()]
+    for manifest in (DEPLOY / "k8s").glob("*.yaml"):
+        for doc in yaml.safe_load_all(manifest.read_text()):
+            if doc and doc.get("kind") == "Deployment":
+                found += [c["args"] for c in doc["spec"]["template"]["spec"]["containers"]]
+    return found
+
+
+def test_every_deployed_command_parses_with_the_cli():
+    commands = _commands()
+    assert {c[0] for c in commands} == {"server", "client"}
+    for args in commands:
+        ctx = parse_cli(args)
+        assert ctx.command.name in ("server", "start"), args
+
+
+def test_parser_rejects_what_does_not_exist():
+    with pytest.raises(click.UsageError):
+        parse_cli(["client", "start", "--site", "a", "--no-such-option", "1"])
+    with pytest.raises(click.UsageError):
+        parse_cli(["serve"])
+
+
+def test_k8s_server_keeps_state_on_a_volume_and_exposes_the_superlink_port():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "k8s" / "server.yaml").read_text())}
+    spec = docs["Deployment"]["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
+    assert claims[mounts["/state"]] == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    port = docs["Service"]["spec"]["ports"][0]["targetPort"]
+    args = spec["containers"][0]["args"]
+    assert str(port) == args[args.index("--port") + 1]
+
+
+def test_dockerfile_installs_fedus_and_runs_its_cli():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["fedus"]' in text and "pip install ." in text
+    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text

@@ -1,0 +1,145 @@
+"""Sample-level DP at a site: DP-compatible students, epsilon = Opacus' own, a ledger that fails closed."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from opacus.accountants import RDPAccountant
+from opacus.validators import ModuleValidator
+
+from client.app import app as client_app
+from fedus.config import StudentConfig
+from fedus.models import create_student
+from fedus.privacy import DPPlan, PrivacyLedger, PrivateTraining, epsilon
+from fedus.reports.report import write_report
+from fedus.runs import RunRecorder
+from fedus.site import Site, initial_student
+from server.strategy import FedusFedAvg
+
+DP = ["privacy.enabled=true", "privacy.noise-multiplier=1.2", "train.local-steps=2"]
+
+
+def _dp_cfg(tiny_cfg, tmp_path, *extra):
+    return tiny_cfg.with_overrides(DP + [f'privacy.ledger-dir="{tmp_path / "ledgers"}"', *extra])
+
+
+@pytest.mark.parametrize("arch", ["resnet10t", "resnet18", "vit_tiny_patch16_224", "mobilenetv3_small_100"])
+def test_student_arch_is_dp_compatible_with_per_sample_grads(arch):
+    torch.manual_seed(0)
+    student = create_student(StudentConfig(arch=arch, head_hidden=16), 192, (2, 2), 32, 0, dp_compatible=True)
+    assert ModuleValidator.validate(student, strict=True) == []
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.modules())
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    data = [{"image": torch.rand(3, 32, 32)} for _ in range(8)]
+    dp = PrivateTraining(student, optimizer, data, DPPlan(1.0, 1.0, 0.5, 4), seed=0, device=torch.device("cpu"))
+    x = torch.rand(4, 3, 32, 32)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    student(x).pow(2).mean().backward()
+    trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad_sample is not None and p.grad_sample.shape == (4, *p.shape) for _, p in trainable)
+    for _, p in trainable:  # per-sample grads are the batch grad, split by sample (mean loss)
+        torch.testing.assert_close(p.grad_sample.sum(0) / 4, p.grad, rtol=1e-4, atol=1e-6)
+    dp.optimizer.step()
+    dp.close()
+    assert dp.steps == 1 and all(not torch.equal(p, before[n]) for n, p in trainable)
+    assert not hasattr(trainable[0][1], "grad_sample") or trainable[0][1].grad_sample is None
+
+
+def _opacus_epsilon(noise, rate, steps, delta):
+    acc = RDPAccountant()
+    for _ in range(steps):
+        acc.step(noise_multiplier=noise, sample_rate=rate)
+    return acc.get_epsilon(delta)
+
+
+def test_epsilon_is_opacus_and_the_ledger_survives_a_restart(tiny_cfg, tmp_path):
+    cfg = _dp_cfg(tiny_cfg, tmp_path)
+    start = initial_student(cfg).state_dict()
+    site = Site(cfg, 0)
+    _, m1 = site.train(start, 1)
+    assert m1["refused"] == 0 and m1["dp_steps"] == 2 and "loss_after" not in m1  # train losses stay home
+    rate, delta = m1["sample_rate"], m1["delta"]
+    assert delta == pytest.approx(1 / (10 * len(site.data.train)))
+    assert m1["epsilon_total"] == pytest.approx(_opacus_epsilon(1.2, rate, 2, delta), abs=1e-6)
+    path = tmp_path / "ledgers" / f"{site.name}.json"
+    assert json.loads(path.read_text())["rounds"][0]["steps"] == 2
+
+    restarted = Site(cfg, 0)  # new process: nothing in memory, only the file
+    assert PrivacyLedger(path).epsilon(delta) == pytest.approx(m1["epsilon_total"], abs=1e-9)
+    _, m2 = restarted.train(start, 2)
+    assert m2["epsilon_total"] > m1["epsilon_total"]
+    assert m2["epsilon_total"] == pytest.approx(_opacus_epsilon(1.2, rate, 4, delta), abs=1e-6)
+    assert m2["epsilon_round"] == pytest.approx(m2["epsilon_total"] - m1["epsilon_total"])
+    assert len(PrivacyLedger(path).history) == 2
+
+
+def _two_round_budget(site, cfg):
+    plan = DPPlan.for_site(len(site.data.train), cfg.train.batch_size, 1.2, 1.0)
+    entry = (1.2, plan.sample_rate, cfg.train.local_steps)
+    two, three = epsilon([entry] * 2, site.delta), epsilon([entry] * 3, site.delta)
+    return (two + three) / 2
+
+
+def test_a_budget_of_two_rounds_trains_two_and_refuses_the_third(tiny_cfg, tmp_path):
+    cfg = _dp_cfg(tiny_cfg, tmp_path)
+    site = Site(cfg, 0)
+    budget = _two_round_budget(site, cfg)
+    state = initial_student(cfg).state_dict()
+    for rnd in (1, 2):
+        state, m = site.train(state, rnd, epsilon_budget=budget)
+        assert state is not None and m["refused"] == 0 and m["epsilon_total"] <= budget
+    refused_state, m3 = site.train(state, 3, epsilon_budget=budget)
+    assert refused_state is None and m3["refused"] == 1 and m3["refusal_code"] == 1
+    assert m3["epsilon_projected"] > budget >= m3["epsilon_total"]
+    assert len(PrivacyLedger(tmp_path / "ledgers" / f"{site.name}.json").history) == 2  # refusal spends nothing
+
+
+def test_client_app_refuses_with_a_reason_and_the_server_carries_on(tiny_cfg, task_identity, tmp_path):
+    cfg = _dp_cfg(tiny_cfg, tmp_path / "sim")
+    site = Site(cfg, 0)
+    budget = _two_round_budget(site, cfg)
+    ledger = tmp_path / "site-0-ledger.json"  # the site's own file, named by its node config
+    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=cfg.to_flat(),
+                      node_config={"partition-id": 0, "num-partitions": 2, "epsilon-budget": budget,
+                                   "privacy-ledger": str(ledger)})
+    arrays = ArrayRecord(initial_student(cfg).state_dict())
+    replies = []
+    for rnd in (1, 2, 3):
+        msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}),
+                      dst_node_id=1, message_type=MessageType.TRAIN)
+        reply = client_app(msg, context)
+        assert not reply.has_error(), reply.error
+        replies.append(reply)
+    assert [int(r.content["metrics"]["refused"]) for r in replies] == [0, 0, 1]
+    assert "arrays" not in replies[2].content and int(replies[2].content["metrics"]["refusal_code"]) == 1
+    assert len(PrivacyLedger(ledger).history) == 2 and not (tmp_path / "sim" / "ledgers").exists()
+
+    # the server: round 3 with this refusing site and one that trained
+    recorder = RunRecorder(tmp_path / "run", cfg, {})
+    strategy = FedusFedAvg(cfg, recorder, min_train_nodes=1, min_available_nodes=1)
+    strategy.sent = arrays
+    other = replies[1]
+    other.content["site"]["name"] = "other-site"
+    out, _ = strategy.aggregate_train(3, [replies[2], other])
+    got, want = out.to_torch_state_dict(), other.content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    entry = recorder.summary["rounds"][0]
+    assert entry["train"][site.name]["refusal"] == "budget-exhausted"
+    assert entry["aggregate"]["train_sites_refused"] == 1
+    privacy = recorder.summary["privacy"]
+    assert privacy[site.name]["refused_rounds"] == {"3": "budget-exhausted"}
+    assert privacy["other-site"]["epsilon_total"] == pytest.approx(float(other.content["metrics"]["epsilon_total"]))
+    report = (write_report(tmp_path / "run")["report_md"]).read_text()
+    assert "Privacy and update validation" in report and "r3: budget-exhausted" in report
+
+
+def test_dp_student_moves_towards_the_teacher_at_epsilon_below_8(tiny_cfg, tmp_path):
+    cfg = _dp_cfg(tiny_cfg, tmp_path, "train.local-steps=15", "train.lr=1e-3", "student.arch=vit_tiny_patch16_224")
+    site = Site(cfg, 0)
+    start = initial_student(cfg).state_dict()
+    before = site.evaluate(start, 1)
+    state, m = site.train(start, 1)
+    after = site.evaluate(state, 1)
+    assert m["refused"] == 0 and 0 < m["epsilon_total"] <= 8
+    assert after["cos"] > before["cos"] + 0.05
