@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import machine  # noqa: E402
+from bench.machine import RandomImages, machine, write_result  # noqa: E402
 
 PRESETS = {
     "cpu": dict(image_size=64, batch_size=16, steps=4, teacher="vit_tiny_patch16_224", threads=1,
@@ -35,17 +34,6 @@ PRESETS = {
 }
 REFERENCE = ("reference (issue 5, quoted, not measured here): one H100, plain Opacus hooks, cached teacher targets: "
              "ViT-tiny 2,892 img/s with DP vs 7,669 without (2.7x); ViT-small 2,000 vs 4,949; goal <= 1.5x")
-
-
-class RandomImages(Dataset):
-    def __init__(self, n: int, size: int):
-        self.x = torch.rand(n, 3, size, size)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"image": self.x[i]}
 
 
 def measure(student_arch: str, dp: bool, p: dict) -> dict:
@@ -116,10 +104,7 @@ def main() -> None:
             "peak_rss": "process peak RSS (ru_maxrss) of the variant's own subprocess, incl. imports"},
         "results": rows, "reference": REFERENCE,
     }
-    out = args.out or Path(__file__).parent / "results" / f"dp_step-{preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, "dp_step", preset, args.out)
 
 
 if __name__ == "__main__":

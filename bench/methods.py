@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import machine  # noqa: E402
+from bench.machine import machine, write_result  # noqa: E402
 from fedus.config import RunConfig  # noqa: E402
 from fedus.data.synthetic import write_synthetic_corpus  # noqa: E402
 from fedus.distill.clock import RoundClock  # noqa: E402
@@ -132,10 +132,7 @@ def main() -> None:
                          "student_init": "seeded random init, same for every loss"},
         "results": rows, "wall_s": round(time.perf_counter() - start, 1),
     }
-    out = args.out or Path(__file__).parent / "results" / f"methods-{preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, "methods", preset, args.out)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import machine  # noqa: E402
+from bench.machine import RandomImages, machine, write_result  # noqa: E402
 from fedus.config import StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
 from fedus.distill import site_step  # noqa: E402
 from fedus.models import create_student, create_teacher  # noqa: E402
@@ -35,17 +34,6 @@ PRESETS = {
 }
 REFERENCE = ("reference (quoted, not measured here): one H100, plain PyTorch, 256 px, batch 256, "
              "ViT-B/16 teacher -> ResNet-50: 695 img/s fp32, 1,749 img/s bf16 + channels_last + compile")
-
-
-class RandomImages(Dataset):
-    def __init__(self, n: int, size: int):
-        self.x = torch.rand(n, 3, size, size)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"image": self.x[i]}
 
 
 def variants(device: torch.device) -> list[dict]:
@@ -107,10 +95,7 @@ def main() -> None:
             "data": "random tensors in [0,1] (throughput only)", "weights": "random init (throughput only)"},
         "results": rows, "reference": REFERENCE,
     }
-    out = args.out or Path(__file__).parent / "results" / f"site_step-{preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, "site_step", preset, args.out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from client.replies import build_reply, site_facts
 from fedus.config import RunConfig
 from fedus.privacy import PrivacyLedger
 from fedus.site import Site, get_site
+from fedus.transfer import TRANSFER_KEY, decode, encode, nbytes
 
 app = ClientApp()
 
@@ -52,19 +53,22 @@ def site_privacy(site: Site, context: Context) -> tuple[PrivacyLedger | None, fl
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = site_for(context)
-    sent = msg.content["arrays"].to_torch_state_dict()
     config = msg.content["config"]
+    dtype = str(config.get(TRANSFER_KEY, "fp32"))  # the wire dtype, both ways (fedus.transfer)
+    sent = decode(msg.content["arrays"].to_torch_state_dict(), dtype)
     rounds = int(config["rounds"]) if "rounds" in config else None  # the server's clock (server/app.py sends it)
     ledger, budget = site_privacy(site, context)
     state, metrics = site.train(sent, int(config["server-round"]), rounds, ledger, budget)
     expected = {k: v.shape for k, v in sent.items()}
+    state = encode(state, dtype) if state is not None else None
+    metrics = metrics | {"bytes_sent": nbytes(state) if state is not None else 0}
     return build_reply(msg, metrics, site_facts(site.name, site.describe()), state, expected)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     site = site_for(context)
-    state = msg.content["arrays"].to_torch_state_dict()
+    state = decode(msg.content["arrays"].to_torch_state_dict(), str(msg.content["config"].get(TRANSFER_KEY, "fp32")))
     scores = site.evaluate(state, int(msg.content["config"]["server-round"]))
     common = {k: scores.pop(k) for k in ("cos", "mse", "num-examples")}
     return build_reply(msg, common, site_facts(site.name, site.describe()), site_scores=scores)

@@ -7,6 +7,7 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -79,6 +80,24 @@ def run_scenario(name: str, overrides: list[str], run_dir: Optional[Path], fit_s
     return run_dir
 
 
+def resume_simulation(run_dir: Path, rounds: Optional[int]) -> None:
+    """The same run config as the interrupted run (teacher included), continued after its last completed round."""
+    from fedus.config import RunConfig, read_toml
+    from fedus.data.manifest import read_manifest
+    from fedus.data.sites import list_sites
+    from fedus.reports import write_report
+    from fedus.simulate import simulate
+
+    saved = run_dir / "run-config.toml"
+    if not saved.is_file():
+        fail(f"no run-config.toml in {run_dir}: not a fedus simulation run")
+    cfg = RunConfig.from_dict(read_toml(saved)).with_overrides({"resume": True, **({"rounds": rounds} if rounds else {})})
+    sites = list_sites(read_manifest(Path(cfg.data.manifest)), cfg.data.site_column)
+    console.print(f"resuming {run_dir} ({len(sites)} sites, {cfg.rounds} rounds)")
+    simulate(cfg, len(sites), run_dir.resolve())
+    console.print(f"report: {write_report(run_dir)['report_html']}")
+
+
 def _print_summary(run_dir: Path) -> None:
     import pandas as pd
 
@@ -106,7 +125,8 @@ def demo(
 
 @app.command("simulate")
 def simulate_cmd(
-    scenario: str = typer.Option(..., help="name in simulations/ or a TOML path"),
+    scenario: Optional[str] = typer.Option(None, help="name in simulations/ or a TOML path"),
+    resume: Optional[Path] = typer.Option(None, help="continue an interrupted run (its run dir) from its last completed round"),
     rounds: Optional[int] = typer.Option(None),
     teacher: Optional[str] = typer.Option(None, help="timm model name of the teacher"),
     teacher_weights: Optional[str] = typer.Option(None, help="local weights file (.safetensors/.pth)"),
@@ -117,6 +137,11 @@ def simulate_cmd(
     sets: Optional[list[str]] = Sets,
 ) -> None:
     """Replay a scenario on Flower's simulation runtime, one SuperNode per site, then report."""
+    if resume is not None:
+        resume_simulation(resume, rounds)
+        return
+    if scenario is None:
+        fail("give --scenario NAME (or --resume RUN_DIR)")
     run_scenario(scenario, _overrides(rounds, teacher, teacher_weights, student, image_size, sets), run_dir, fit_teacher_steps)
 
 
@@ -132,7 +157,28 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory holding sum
     console.print(f"report: {paths['report_html']}")
 
 
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="a run directory holding summary.json and global checkpoints"),
+    site: Optional[list[str]] = typer.Option(None, help="site name (repeatable; default: every site of the run)"),
+    sets: Optional[list[str]] = Sets,
+) -> None:
+    """Offline protocol on the final global student, teacher and random init per site; then re-write the report."""
+    from fedus.evaluation.run_eval import evaluate_run
+    from fedus.reports import write_report
+
+    if not (run_dir / "summary.json").is_file():
+        fail(f"no summary.json in {run_dir}")
+    bad = [s for s in sets or [] if not s.replace(" ", "").startswith("eval.")]
+    if bad:
+        fail(f"only eval.* keys may be overridden offline, got '{bad[0]}'")
+    console.print(f"evaluation: {evaluate_run(run_dir, site or None, overrides=sets or [])}")
+    console.print(f"report: {write_report(run_dir)['report_html']}")
+
+
 def main() -> None:
+    # SIGTERM (docker stop, kubectl, a supervisor) unwinds like Ctrl-C, so every Flower process we started is killed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         app()
     except (ConfigError, FlowerProcessError) as err:

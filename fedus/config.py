@@ -68,6 +68,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = False
     num_workers: int = Field(0, ge=0)
+    target_views: int = Field(
+        0, ge=0, description="K cached teacher targets per image (seeded views, fp16 memmap); 0 = live teacher")
+    target_cache_dir: str = Field("", description="site-local folder of the target cache (empty = $FEDUS_CACHE/targets)")
 
 
 class MaskedConsistencyConfig(_Section):
@@ -110,13 +113,16 @@ class DistillConfig(_Section):
 
 class FederationConfig(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1)
-    min_sites: int = Field(1, ge=1)
-    round_timeout: float = Field(3600.0, gt=0)
+    min_sites: int = Field(1, ge=1, description="sites that must be connected before the first round")
+    quorum: int = Field(0, ge=0, description="replies a later round needs to be aggregated (0 = min-sites)")
+    round_timeout: float = Field(3600.0, gt=0, description="seconds a round waits for replies; late ones are dropped")
     robust: Literal["none", "trimmed-mean", "median"] = Field(
         "none", description="aggregation: example-weighted FedAvg, or Flower's coordinate-wise trimmed mean / median")
     trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fraction cut at each end by robust = trimmed-mean")
     max_norm_ratio: float = Field(
         10.0, ge=0, description="reject an update whose norm exceeds this x the round's median (>= 3 sites; 0 = off)")
+    transfer_dtype: Literal["fp16", "bf16", "fp32"] = Field(
+        "fp16", description="students on the wire, both ways (cast back to fp32 on arrival; aggregate in fp32)")
 
 
 class PrivacyConfig(_Section):
@@ -143,12 +149,29 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1)
     probe_rounds: str = Field("first,last", description="'first,last', 'all' or '0,5,10'")
     seg_probe_steps: int = Field(150, ge=1)
+    label_fractions: str = Field("0.05,0.1,0.2,0.5,1.0", description="train-label fractions of the protocol (fedus evaluate)")
+    seeds: int = Field(3, ge=1, description="subsets/heads per label fraction (mean +- std)")
+    knn_k: int = Field(10, ge=1)
+    decoder_stages: int = Field(3, ge=1, description="encoder stages fed to the segmentation decoder")
+    decoder_width: int = Field(32, ge=4)
+    decoder_steps: int = Field(200, ge=1)
+    embedding_per_site: int = Field(100, ge=0, description="held-out images per site in the t-SNE picture (0 = none)")
+    protocol_at: Literal["offline", "last"] = Field(
+        "offline", description="full protocol (label fractions x seeds) only via `fedus evaluate`, or also in the last round's evaluate")
+
+    @model_validator(mode="after")
+    def _fractions_parse(self) -> "EvalConfig":
+        from fedus.evaluation.fractions import parse_fractions
+
+        parse_fractions(self.label_fractions)
+        return self
 
 
 class RunConfig(_Section):
     rounds: int = Field(3, ge=1)
     seed: int = 0
     run_dir: str = ""
+    resume: bool = Field(False, description="continue the run in run-dir from its last completed round")
     scenario: str = "custom"
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
@@ -158,6 +181,15 @@ class RunConfig(_Section):
     federation: FederationConfig = FederationConfig()
     eval: EvalConfig = EvalConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _target_cache_fits(self) -> "RunConfig":
+        if self.train.target_views:
+            names = {part.split(":")[0].strip() for part in self.distill.loss.split(",")}
+            if names != {"token-mse"} or self.privacy.enabled:
+                raise ValueError("train.target-views (cached teacher targets) works with distill.loss = 'token-mse' "
+                                 "only, without privacy; set train.target-views = 0")
+        return self
 
     # --- construction -------------------------------------------------------
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import torch
 
 from fedus import __version__
 from fedus.config import RunConfig
-from fedus.models import save_state
+from fedus.config import ConfigError
+from fedus.models import load_state, save_state
 
 SUMMARY = "summary.json"
 
@@ -52,6 +54,14 @@ def describe_data(cfg: RunConfig) -> str:
     return f"manifest {d.manifest} (sites = '{d.site_column}' column)"
 
 
+SERVER_STATE = "server-state.json"
+
+
+def _rng_from_json(value: list) -> tuple:
+    version, internal, gauss = value
+    return version, tuple(internal), gauss
+
+
 class RunRecorder:
     def __init__(self, run_dir: str | Path, cfg: RunConfig, prov: dict[str, Any]):
         self.dir = Path(run_dir)
@@ -61,6 +71,39 @@ class RunRecorder:
             "scenario": cfg.scenario, "config": cfg.to_dict(), "provenance": prov, "sites": {}, "rounds": [],
         }
         self.flush()
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, cfg: RunConfig) -> tuple["RunRecorder", int, dict[str, torch.Tensor]]:
+        """Continue a run from its last *completed* round (trained, aggregated, checkpointed, evaluated).
+
+        Rounds after it are dropped from the record and run again; the server's RNG state
+        saved with that round is restored, so the continuation equals an uninterrupted run.
+        """
+        run_dir = Path(run_dir)
+        try:
+            summary = json.loads((run_dir / SUMMARY).read_text())
+            state_file = json.loads((run_dir / SERVER_STATE).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"nothing to resume in {run_dir}: no {SUMMARY} / {SERVER_STATE}") from None
+        saved = RunConfig.from_dict(summary["config"]).model_copy(update={"run_dir": "", "resume": False, "rounds": 0})
+        if saved != cfg.model_copy(update={"run_dir": "", "resume": False, "rounds": 0}):
+            raise ConfigError(f"cannot resume {run_dir} with a different run config (only rounds may change)")
+        done = [e["round"] for e in summary["rounds"] if "checkpoint" in e and "eval" in e
+                and (run_dir / e["checkpoint"]).is_file() and e["round"] <= int(state_file["round"])]
+        if not done:
+            raise ConfigError(f"nothing to resume in {run_dir}: no completed round")
+        last = max(done)
+        rec = cls.__new__(cls)
+        rec.dir = run_dir
+        rec.summary = summary
+        summary["rounds"] = [e for e in summary["rounds"] if e["round"] <= last]
+        summary.setdefault("resumed", []).append({"at": now(), "from_round": last})
+        summary.update(status="running", finished=None, config=cfg.to_dict())
+        history = state_file.get("rng_history", {})
+        if str(last) in history:
+            random.setstate(_rng_from_json(history[str(last)]))
+        rec.flush()
+        return rec, last, load_state(run_dir / f"global-round-{last:03d}.safetensors")
 
     def _round(self, server_round: int) -> dict[str, Any]:
         for entry in self.summary["rounds"]:
@@ -106,8 +149,21 @@ class RunRecorder:
         name = f"global-round-{server_round:03d}.safetensors"
         path = save_state(state, self.dir / name, metadata={"round": str(server_round), "fedus": __version__})
         self._round(server_round)["checkpoint"] = name
+        self._save_server_state(server_round)
         self.flush()
         return path
+
+    def _save_server_state(self, server_round: int) -> None:
+        """Round number and the server's RNG state per checkpoint, written atomically beside it."""
+        path = self.dir / SERVER_STATE
+        state = json.loads(path.read_text()) if path.is_file() else {}
+        history = state.get("rng_history", {})
+        history[str(server_round)] = random.getstate()
+        state.update(round=server_round, strategy="FedAvg" if self.summary["config"]["federation"].get("robust", "none") == "none"
+                     else self.summary["config"]["federation"]["robust"], rng_history=history)
+        tmp = self.dir / f".{SERVER_STATE}.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
 
     def finish(self, status: str = "completed") -> None:
         self.summary.update(status=status, finished=now())

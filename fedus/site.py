@@ -20,6 +20,7 @@ from fedus.data.sites import SiteData, load_site
 from fedus.distill.clock import RoundClock
 from fedus.distill.losses import attach_distill_modules, required_views
 from fedus.distill.site_step import site_step
+from fedus.distill.target_cache import CachedViews, TargetCache, site_target_cache
 from fedus.evaluation.site_eval import probe_scores, teacher_agreement
 from fedus.models import Student, Teacher, create_student, create_teacher
 from fedus.privacy import BUDGET_EXHAUSTED, NO_BUDGET, DPPlan, PrivacyLedger, noise_for_round
@@ -76,6 +77,11 @@ class Site:
             student.load_state_dict(state)
         return student
 
+    @cached_property
+    def targets(self) -> tuple[TargetCache, CachedViews]:
+        """The site's teacher-target cache and its K seeded views per image (`train.target-views` > 0)."""
+        return site_target_cache(self.cfg, self.name, self.data.train.images, self.teacher)
+
     def describe(self) -> dict:
         """Aggregate facts about the site's data (counts only)."""
         d = self.data
@@ -102,10 +108,14 @@ class Site:
         views = required_views(self.cfg.distill)
         train_set = (self.data.train_augmented(self.cfg.data.augment_policy, views) if self.cfg.train.augment
                      else self.data.train)
+        cache = None
+        if self.cfg.train.target_views:
+            cache, train_set = self.targets
         result = site_step(
             self.student(state), self.teacher, train_set,
             reference, self.cfg.train, derived_seed(self.cfg.seed, server_round, self.name), self.device,
             distill=self.cfg.distill, clock=RoundClock(server_round, rounds or self.cfg.rounds), privacy=plan,
+            targets=cache,
         )
         if plan is not None:
             return result.state, self.charge(ledger, plan, result.metrics, server_round, budget)
@@ -143,7 +153,8 @@ class Site:
             "delta": self.delta}
 
     def evaluate(self, state: dict[str, torch.Tensor], server_round: int) -> dict[str, float]:
-        """Agreement every round; probes at the configured rounds (teacher's at round 0 only)."""
+        """Agreement every round; probes at the configured rounds (teacher's at round 0 only); with
+        eval.protocol-at = last, the full protocol (teacher / student / random init) in the last round."""
         ecfg = self.cfg.eval
         student = self.student(state).to(self.device).eval()
         metrics = teacher_agreement(student, self.teacher, self.data, ecfg.batch_size, self.device, self.cfg.train.precision)
@@ -155,6 +166,10 @@ class Site:
                 teacher = self.teacher.to(self.device)
                 t = probe_scores(teacher.feature_map, self.data, ecfg.batch_size, ecfg.seg_probe_steps, seed, self.device)
                 metrics.update({f"teacher_{k}": v for k, v in t.items()})
+        if ecfg.protocol_at == "last" and server_round == self.cfg.rounds:  # slow: label fractions x seeds x 3 models
+            from fedus.evaluation.protocol import evaluate_models, to_metrics
+
+            metrics.update(to_metrics(evaluate_models(self.cfg, self, state)["summary"]))
         return metrics
 
 

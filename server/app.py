@@ -19,22 +19,29 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = cfg.run_dir or str(default_run_dir(cfg.scenario))
     student = initial_student(cfg)
     n_params = sum(p.numel() for p in student.parameters())
-    recorder = RunRecorder(run_dir, cfg, provenance(cfg, describe_data(cfg), n_params))
-    arrays = ArrayRecord(student.state_dict())
-    recorder.checkpoint(0, student.state_dict())
+    done = 0
+    if cfg.resume:  # continue after the last completed round, as if never interrupted
+        recorder, done, state = RunRecorder.resume(run_dir, cfg)
+        arrays = ArrayRecord(state)  # exactly what the interrupted run held after that round
+    else:
+        recorder = RunRecorder(run_dir, cfg, provenance(cfg, describe_data(cfg), n_params))
+        recorder.checkpoint(0, student.state_dict())
+        arrays = ArrayRecord(student.state_dict())
 
     fed = cfg.federation
     strategy = FedusFedAvg(
-        cfg, recorder,
+        cfg, recorder, round_offset=done,
         fraction_train=fed.fraction_train, fraction_evaluate=1.0,
         min_train_nodes=fed.min_sites, min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
     )
     try:
-        strategy.evaluate_initial(grid, arrays, timeout=fed.round_timeout)
-        strategy.start(
-            grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds, timeout=fed.round_timeout,
-            train_config=ConfigRecord({"rounds": cfg.rounds}), evaluate_config=ConfigRecord({"rounds": cfg.rounds}),
-        )
+        if done == 0:
+            strategy.evaluate_initial(grid, arrays, timeout=fed.round_timeout)
+        if cfg.rounds > done:
+            strategy.start(
+                grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds - done, timeout=fed.round_timeout,
+                train_config=ConfigRecord({"rounds": cfg.rounds}), evaluate_config=ConfigRecord({"rounds": cfg.rounds}),
+            )
     except BaseException:
         recorder.finish("failed")
         raise

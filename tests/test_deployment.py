@@ -106,7 +106,22 @@ def _no_leftovers(*homes: Path) -> None:
     assert not [pid for h in homes for pid in flower_home_pids(h)]
 
 
-def test_tls_deployment_with_site_auth_two_rounds_and_a_report(tmp_path, pki, synthetic_manifest):
+def _kill_site(state: Path, proc: subprocess.Popen) -> None:
+    """A site crashes: its `fedus client start` and its SuperNode (own process group) die at once."""
+    import signal
+
+    for pid in (int((state / "supernode.pid").read_text()), proc.pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    from fedus.processes import kill_flower_home
+
+    kill_flower_home((state / "flwr-home").resolve())
+
+
+def test_tls_deployment_with_site_auth_survives_a_site_killed_in_round_2(tmp_path, pki, synthetic_manifest):
     certs, keys = pki
     registered = tmp_path / "registered"
     registered.mkdir()
@@ -114,11 +129,18 @@ def test_tls_deployment_with_site_auth_two_rounds_and_a_report(tmp_path, pki, sy
         (registered / f"{site}.pub").write_bytes((keys / site / f"{site}.pub").read_bytes())
     manifests = _site_manifests(synthetic_manifest, tmp_path)
     port, state = free_port(), tmp_path / "server"
-    server = _spawn(_server_args(state, port, certs, registered, rounds=2, timeout=300), tmp_path / "server.log")
+    args = _server_args(state, port, certs, registered, rounds=2, timeout=40) + ["--set", "federation.quorum=2"]
+    server = _spawn(args, tmp_path / "server.log")
     sites = {s: _spawn(_site_args(s, manifests[s], port, tmp_path / s, certs, keys / s / s), tmp_path / f"{s}.log")
              for s in SITES}
     try:
-        code = _wait(server, 480)
+        run_log = state / "run" / "flwr-run.log"
+        deadline = time.monotonic() + 400
+        while not (run_log.is_file() and "[ROUND 2/2]" in run_log.read_text(errors="replace")):
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.3)
+        _kill_site(tmp_path / "hospital-c", sites["hospital-c"])  # in the middle of round 2
+        code = _wait(server, 400)
         assert code == 0, (tmp_path / "server.log").read_text()[-3000:]
     finally:
         for p in [server, *sites.values()]:
@@ -126,8 +148,13 @@ def test_tls_deployment_with_site_auth_two_rounds_and_a_report(tmp_path, pki, sy
     summary = json.loads((state / "run" / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert sorted(summary["sites"]) == SITES
-    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
-    assert (state / "run" / "report" / "report.html").is_file()
+    rounds = {r["round"]: r for r in summary["rounds"]}
+    assert sorted(rounds) == [0, 1, 2]
+    assert sorted(rounds[1]["train"]) == SITES
+    assert sorted(rounds[2]["train"]) == ["hospital-a", "hospital-b"]  # aggregated at quorum
+    assert rounds[2]["aggregate"]["train_sites_failed"] == 1 and "checkpoint" in rounds[2]
+    report = (state / "run" / "report" / "rounds.csv").read_text()
+    assert "train_sites_failed" in report
     assert "random init" in summary["provenance"]["teacher"]["source"]
     _no_leftovers(state / "flwr-home", *[tmp_path / s / "flwr-home" for s in SITES])
 

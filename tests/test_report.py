@@ -3,10 +3,12 @@
 import csv
 import html
 import json
+import shutil
 
 import pytest
 
 from fedus.reports import write_report
+from fedus.reports.report import SECTIONS
 
 SOURCE = ("teacher fitted here on synthetic-devices train split (supervised lesion class + mask, 2 epochs); "
           "not a foundation model")
@@ -70,7 +72,7 @@ def _rows(path):
 
 
 def test_files_exist(report, tmp_path):
-    assert set(report) == {"sites_csv", "rounds_csv", "report_md", "report_html", "per_round_png"}
+    assert set(report) == {"sites_csv", "rounds_csv", "protocol_csv", "report_md", "report_html", "per_round_png"}
     for p in report.values():
         assert p.is_file() and p.parent == tmp_path / "report"
 
@@ -138,3 +140,132 @@ def test_robust_to_sparse_summary(tmp_path):
     assert "INCOMPLETE RUN" in paths["report_md"].read_text()
     with pytest.raises(FileNotFoundError):
         write_report(tmp_path / "missing")
+
+
+def _evaluation():
+    """evaluation.json as `fedus evaluate` writes it: site-a full protocol, site-b seg only."""
+    def summ(site_rows):
+        return [{"model": m, "task": t, "metric": k, "fraction": f, "n": 3, "mean": v, "std": 0.02}
+                for m, t, k, f, v in site_rows]
+    a = [(m, "cls", k, f, base * f ** 0.2) for m, base in (("teacher", 0.9), ("student", 0.8), ("random_init", 0.4))
+         for k in ("acc", "macro_f1", "balanced_acc") for f in (0.05, 0.1, 0.2, 0.5, 1.0)]
+    a += [(m, "knn", "acc", 1.0, v) for m, v in (("teacher", 0.85), ("student", 0.7), ("random_init", 0.35))]
+    b = [(m, "seg", k, f, base * f ** 0.3) for m, base in (("teacher", 0.7), ("student", 0.6), ("random_init", 0.2))
+         for k in ("dice", "iou") for f in (0.05, 0.1, 0.2, 0.5, 1.0)]
+    xs = [float(i) for i in range(12)]
+    return {"round": 2, "checkpoint": "global-round-002.safetensors",
+            "sites": {"site-a": {"site": "site-a", "rows": [], "summary": summ(a)},
+                      "site-b": {"site": "site-b", "rows": [], "summary": summ(b)}},
+            "embedding": {m: {"x": xs, "y": xs[::-1], "centre": ["site-a"] * 6 + ["site-b"] * 6}
+                          for m in ("teacher", "student")}}
+
+
+def _section_text(page: str, name: str) -> str:
+    start = page.index(f"<h2>{html.escape(name)}</h2>")
+    return page[start:page.index("</section>", start)]
+
+
+@pytest.fixture
+def evaluated(tmp_path):
+    summary = _summary()
+    summary["privacy"] = {"site-a": {"epsilon_per_round": {"1": 0.5, "2": 0.4}, "epsilon_total": 0.9,
+                                     "epsilon_budget": 8.0, "delta": 1e-3, "refused_rounds": {}}}
+    summary["sites"]["site-a"]["data_card"] = {"images": 120, "devices": {"vendor-x": 120}}
+    summary["config"] = {"seed": 0, "rounds": 2, "eval": {"label-fractions": "0.05,0.1,0.2,0.5,1.0", "seeds": 3,
+                                                          "decoder-stages": 3, "decoder-width": 32,
+                                                          "decoder-steps": 200, "knn-k": 10}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "evaluation.json").write_text(json.dumps(_evaluation()))
+    return write_report(tmp_path)
+
+
+def test_every_section_with_data(evaluated):
+    page = evaluated["report_html"].read_text()
+    md = evaluated["report_md"].read_text()
+    for name in SECTIONS:
+        assert f"<h2>{html.escape(name)}</h2>" in page and f"## {name}" in md
+    for name in ("Label-efficiency curves", "Per-round curves", "Embeddings (t-SNE)"):
+        assert 'src="data:image/png;base64,' in _section_text(page, name)
+    assert "not available" not in page
+    results = _section_text(page, "Per-site results")
+    # three-way row: teacher / federated student / random init, gap to the teacher
+    assert "<td>site-a</td><td>cls</td><td>acc</td><td>0.900 ± 0.020</td><td>0.800 ± 0.020</td><td>0.400 ± 0.020</td><td>-0.100</td><td>yes</td>" in results
+    assert "<td>site-b</td><td>seg</td><td>dice</td>" in results and "<td>site-b</td><td>cls</td>" not in results
+    assert "0.900" in _section_text(page, "Privacy and update validation")
+    assert "vendor-x" in _section_text(page, "Data cards")
+    assert "label fractions 0.05,0.1,0.2,0.5,1.0" in _section_text(page, "Provenance")
+    assert "Run config" in page and "<script" not in page.lower()
+    with evaluated["protocol_csv"].open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 3 * 5 + 3 + 3 * 2 * 5
+    for key in ("label_efficiency_png", "embedding_png"):
+        assert evaluated[key].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_section_renders_when_its_data_are_absent(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"rounds": []}))
+    page = write_report(tmp_path)["report_html"].read_text()
+    for name in SECTIONS:
+        assert f"<h2>{html.escape(name)}</h2>" in page
+    for name in ("Label-efficiency curves", "Privacy and update validation", "Data cards", "Embeddings (t-SNE)"):
+        assert "not available in this run" in _section_text(page, name)
+    assert "fedus evaluate" in _section_text(page, "Embeddings (t-SNE)")
+
+
+def test_stale_pictures_removed_when_evaluation_gone(evaluated, tmp_path):
+    (tmp_path / "evaluation.json").unlink()
+    paths = write_report(tmp_path)
+    assert "embedding_png" not in paths and not (tmp_path / "report" / "embedding.png").exists()
+
+
+CHROMIUMS = ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome", "google-chrome-stable")
+NO_CHROMIUM = ("no headless Chromium: `python -m playwright install chromium` needs the internet "
+               "(cdn.playwright.dev) and no chromium binary is on PATH")
+
+
+def test_html_renders_in_headless_chromium(evaluated, tmp_path):
+    """Every section heading is visible with a real box, and every embedded picture decodes."""
+    playwright = pytest.importorskip("playwright.sync_api", reason=NO_CHROMIUM)
+    binary = next((shutil.which(b) for b in CHROMIUMS if shutil.which(b)), None)
+    shot = evaluated["report_html"].with_name("report-screenshot.png")
+    with playwright.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=binary, args=["--no-sandbox"])
+        except Exception:  # noqa: BLE001 - no bundled browser and none on PATH
+            pytest.skip(NO_CHROMIUM)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(evaluated["report_html"].as_uri())
+        page.wait_for_load_state("load")
+        headings = page.eval_on_selector_all("h2", "els => els.map(e => [e.innerText.trim(), e.getBoundingClientRect().height])")
+        images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.complete && e.naturalWidth > 0])")
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert [h for h, _ in headings] == list(SECTIONS) and all(height > 0 for _, height in headings)
+    assert len(images) == 3 and all(ok for _, ok in images), images
+    assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
+
+
+def test_protocol_from_last_round_metrics(tmp_path):
+    """eval.protocol-at = last: the sites' scalar 'le:' metrics fill the three-way table and the curves."""
+    from fedus.evaluation.protocol import from_metrics, to_metrics
+
+    summ = [s for s in _evaluation()["sites"]["site-a"]["summary"]]
+    canon = lambda rows: sorted(tuple(sorted(r.items())) for r in rows)  # noqa: E731
+    assert canon(from_metrics(to_metrics(summ))) == canon(summ)
+    summary = _summary()
+    summary["rounds"][-1]["eval"]["site-a"].update(to_metrics(summ))
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    paths = write_report(tmp_path)
+    page = paths["report_html"].read_text()
+    assert "<td>site-a</td><td>cls</td><td>acc</td><td>0.900 ± 0.020</td>" in page
+    assert "label_efficiency_png" in paths and "embedding_png" not in paths
+    assert "not available in this run" in _section_text(page, "Embeddings (t-SNE)")
+
+
+def test_malformed_evaluation_does_not_break_the_report(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps(_summary()))
+    bad = {"sites": {"site-a": {"summary": [{"model": "student"}, {"model": "teacher", "task": "cls", "metric": "acc",
+                                                                   "fraction": "x", "mean": 1}]}, "site-b": None}}
+    (tmp_path / "evaluation.json").write_text(json.dumps(bad))
+    page = write_report(tmp_path)["report_html"].read_text()
+    assert "not available in this run" in _section_text(page, "Label-efficiency curves")

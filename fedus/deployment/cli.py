@@ -37,6 +37,7 @@ def server(
     register: Optional[Path] = typer.Option(None, help="register every NAME.pub in this folder before the run"),
     config: Optional[Path] = typer.Option(None, help="run config TOML (fedus RunConfig, or a scenario file)"),
     rounds: Optional[int] = typer.Option(None),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --state from its last completed round"),
     min_sites: Optional[int] = typer.Option(None, help="sites a round needs (quorum)"),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="config override KEY=VALUE (repeatable)"),
 ) -> None:
@@ -47,7 +48,15 @@ def server(
 
     if certs is None and not insecure:
         raise ConfigError("no --certs given: run `fedus certs init --out certs` first, or pass --insecure (testing only)")
-    cfg = server_config(config, sets, rounds, min_sites)
+    if resume:
+        from fedus.config import RunConfig, read_toml
+
+        saved = state / "run" / "run-config.toml"
+        if not saved.is_file():
+            raise ConfigError(f"nothing to resume: {saved} not found")
+        cfg = RunConfig.from_dict(read_toml(saved)).with_overrides({"resume": True, **({"rounds": rounds} if rounds else {})})
+    else:
+        cfg = server_config(config, sets, rounds, min_sites)
     settings = ServerSettings(state=state, certs=None if insecure else certs, host=host, port=port, register=register)
     console.print(f"fedus server on {host}:{port} ({'INSECURE' if insecure else 'TLS + site auth'}), "
                   f"{cfg.rounds} rounds, quorum {cfg.federation.min_sites} sites")

@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedus.config import DistillConfig, TrainConfig
 from fedus.distill.clock import RoundClock
+from fedus.distill.losses.registry import LossOutput
+from fedus.distill.target_cache import TargetCache
 from fedus.distill.losses import StepInputs, create_objective, mixup, token_mse  # noqa: F401 (mixup: re-export)
 from fedus.models import Student, Teacher
 from fedus.privacy.dp_sgd import DPPlan, PrivateTraining, private_train_config
@@ -34,12 +36,16 @@ def autocast_for(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def distill_loss_on(student: Student, teacher: Teacher, images: torch.Tensor, precision: str) -> float:
-    """Loss on a fixed batch in eval mode: comparable before/after, unlike noisy training losses."""
+def distill_loss_on(student: Student, teacher: Teacher, images: torch.Tensor, precision: str,
+                    targets: TargetCache | None = None) -> float:
+    """Loss on a fixed batch in eval mode: comparable before/after, unlike noisy training losses.
+    With `targets`, the batch is the site's first images, un-augmented (their cache slots)."""
     was_training = student.training
     student.eval()
     with autocast_for(images.device, precision):
-        loss = token_mse(student(images), teacher(images)).item()
+        wanted = (targets.lookup(teacher, targets.reference_slots(len(images)), images) if targets is not None
+                  else teacher(images))
+        loss = token_mse(student(images), wanted).item()
     student.train(was_training)
     return loss
 
@@ -55,12 +61,15 @@ def site_step(
     distill: DistillConfig | None = None,
     clock: RoundClock | None = None,
     privacy: DPPlan | None = None,
+    targets: TargetCache | None = None,
 ) -> StepResult:
     """Distil for `cfg.local_steps` AdamW steps on the site's (augmented) training images.
 
     `distill` picks the loss(es) (default token-MSE); `clock` is the server's round
     clock, so run-long schedules (repulsive-KD's beta) agree across sites.
-    `privacy` turns the loop into DP-SGD (Poisson batches, clipped + noised steps)."""
+    `privacy` turns the loop into DP-SGD (Poisson batches, clipped + noised steps).
+    `targets`: cached teacher tokens (token-MSE only, no mixup); `train_set` must then be
+    its `CachedViews`, whose items carry their cache `slot`."""
     if privacy is not None:
         cfg = private_train_config(cfg, distill)  # no mixup, fp32, per-sample loss
     objective = create_objective(distill, mixup=cfg.mixup)
@@ -80,7 +89,7 @@ def site_step(
     if dp is not None:
         loader, optimizer = dp.loader, dp.optimizer
 
-    loss_before = distill_loss_on(student, teacher, reference_images, cfg.precision)
+    loss_before = distill_loss_on(student, teacher, reference_images, cfg.precision, targets)
     losses: list[float] = []
     seen, start = 0, time.perf_counter()
     batches = iter(loader)
@@ -99,7 +108,10 @@ def site_step(
                             for k in ("view2",) if k in batch and objective.views > 1]
         inputs = StepInputs(student, teacher, views, generator, clock.progress(step, cfg.local_steps))
         with autocast_for(device, cfg.precision):
-            out = objective(inputs)  # mixup (train.mixup) happens inside token-mse
+            if targets is not None:  # cached teacher tokens of exactly these views
+                out = LossOutput(token_mse(student(images), targets.lookup(teacher, batch["slot"], images)))
+            else:
+                out = objective(inputs)  # mixup (train.mixup) happens inside token-mse
         loss = out.loss
         for key, value in out.parts.items():
             parts_sum[key] = parts_sum.get(key, 0.0) + value
@@ -111,7 +123,7 @@ def site_step(
     seconds = time.perf_counter() - start
     if dp is not None:
         dp.close()
-    loss_after = distill_loss_on(student, teacher, reference_images, cfg.precision)
+    loss_after = distill_loss_on(student, teacher, reference_images, cfg.precision, targets)
 
     k = max(1, min(3, len(losses) // 3))
     metrics = {
@@ -125,6 +137,7 @@ def site_step(
         "seconds": seconds,
         "images_per_s": seen / max(seconds, 1e-9),
         "progress_end": clock.progress(cfg.local_steps, cfg.local_steps),
-    } | {f"train_{k}": v / max(len(losses), 1) for k, v in parts_sum.items()} | (dp.metrics() if dp else {})
+    } | {f"train_{k}": v / max(len(losses), 1) for k, v in parts_sum.items()} | (dp.metrics() if dp else {}) | (
+        targets.metrics() if targets is not None else {})
     state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
     return StepResult(state=state, metrics=metrics)

@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from fedus.reports.sections import (CARD_HEAD, NOT_AVAILABLE, PROTOCOL_HEAD, card_rows, embedding_png,
+                                    evaluation_from_summary, label_efficiency_png, protocol_csv_rows, protocol_rows,
+                                    read_evaluation)
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["write_report", "PROBE_METRICS"]
+__all__ = ["write_report", "PROBE_METRICS", "SECTIONS"]
 
 PROBE_METRICS = ("cls_acc", "cls_f1", "seg_dice", "seg_iou")
 _NOT_FM = "not a foundation model"
@@ -211,7 +215,18 @@ def _provenance_items(summary: dict) -> list[tuple[str, str]]:
         ("fedus version", g(summary, "fedus_version")),
         ("Status", g(summary, "status")),
         ("Started / finished", f"{g(summary, 'started')} / {g(summary, 'finished')}"),
+        ("Evaluation protocol", _protocol_note(summary)),
     ]
+
+
+def _protocol_note(summary: dict) -> str:
+    ev = (summary.get("config") or {}).get("eval") or {}
+    if not ev.get("label-fractions"):
+        return "(not recorded)"
+    return (f"label fractions {ev['label-fractions']} of each site's train split (stratified, whole leakage groups), "
+            f"{ev.get('seeds')} seeds each; linear head on pooled frozen features; stage decoder "
+            f"({ev.get('decoder-stages')} stages, width {ev.get('decoder-width')}, {ev.get('decoder-steps')} steps) "
+            f"for masks; kNN k={ev.get('knn-k')}")
 
 
 def _warnings(summary: dict) -> list[str]:
@@ -244,11 +259,12 @@ def _probe_rows(rows: list[dict], infos: dict) -> list[list[str]]:
             na = _na_reason(info, m)
             vals = [r[f"teacher_{m}"], r[f"random_init_{m}"], r[f"student_{m}"], r[f"student_beats_random_{m}"]]
             if na and all(v is None for v in vals):
-                out.append([r["site"], m, na, na, na, ""])
+                out.append([r["site"], m, na, na, na, "", ""])
             else:
                 rnd = r[f"student_round_{m}"]
                 student = _fmt(vals[2]) + ("" if rnd is None else f" (round {rnd})")
-                out.append([r["site"], m, _fmt(vals[0]), _fmt(vals[1]), student, _fmt(vals[3])])
+                gap = "—" if vals[0] is None or vals[2] is None else f"{vals[2] - vals[0]:+.3f}"
+                out.append([r["site"], m, _fmt(vals[0]), _fmt(vals[1]), student, gap, _fmt(vals[3])])
     return out
 
 
@@ -264,7 +280,10 @@ def _overview_rows(rows: list[dict]) -> list[list[str]]:
 OVERVIEW_HEAD = ["site", "n_train", "n_test", "cosine to teacher: round 0 → final", "MSE: round 0 → final",
                  "train loss: first (before) → last (after)"]
 PROBE_HEAD = ["site", "probe metric", "teacher", "random-init student (round 0)", "distilled student",
-              "student beats random init"]
+              "gap to teacher (student − teacher)", "student beats random init"]
+SECTIONS = ("Provenance", "Per-site results", "Label-efficiency curves", "Per-round curves",
+            "Privacy and update validation", "Data cards", "Embeddings (t-SNE)", "How to read this")
+_NO_EVAL = f"{NOT_AVAILABLE} (run `fedus evaluate RUN_DIR`, then `fedus report RUN_DIR`)"
 HOW_TO_READ = (
     "Every number is per site, never averaged across sites, because sites differ in device "
     "and case mix and an average would hide a site where distillation did not help. Cosine and MSE compare the "
@@ -287,19 +306,25 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _markdown(summary: dict, rows: list[dict], png_name: str) -> str:
+def _markdown(summary: dict, rows: list[dict], evaluation: dict | None, png_names: dict[str, str | None]) -> str:
     infos = summary.get("sites") or {}
+    table = lambda head, body: _md_table(head, body) if body else f"*{NOT_AVAILABLE}*"  # noqa: E731
+    img = lambda key, alt: f"![{alt}]({png_names[key]})" if png_names.get(key) else f"*{_NO_EVAL}*"  # noqa: E731
     parts = [f"# fedus run report — {_md_cell(str(summary.get('scenario') or 'unnamed scenario'))}", ""]
     parts += [f"> **⚠ {_md_cell(w)}**\n" for w in _warnings(summary)]
     parts += ["## Provenance", ""]
     parts += [f"- **{k}:** {_md_cell(v)}" for k, v in _provenance_items(summary)]
     parts += ["", "## Per-site results", "", _md_table(OVERVIEW_HEAD, _overview_rows(rows)), "",
               "### Probes: teacher / random-init student / distilled student", "",
-              _md_table(PROBE_HEAD, _probe_rows(rows, infos)), ""]
-    if _privacy_rows(summary):
-        parts += ["## Privacy and update validation", "", _md_table(PRIVACY_HEAD, _privacy_rows(summary)), ""]
-    parts += ["## Per-round curves", "", f"![per-round curves]({png_name})", "", "## How to read this", "",
-              HOW_TO_READ, ""]
+              _md_table(PROBE_HEAD, _probe_rows(rows, infos)), "",
+              "### Evaluation protocol: teacher / federated student / random init (100 % labels, mean ± std)", "",
+              _md_table(PROTOCOL_HEAD, protocol_rows(evaluation)) if protocol_rows(evaluation) else f"*{_NO_EVAL}*", "",
+              "## Label-efficiency curves", "", img("label_efficiency_png", "label-efficiency curves"), "",
+              "## Per-round curves", "", img("per_round_png", "per-round curves"), "",
+              "## Privacy and update validation", "", table(PRIVACY_HEAD, _privacy_rows(summary)), "",
+              "## Data cards", "", table(CARD_HEAD, card_rows(summary)), "",
+              "## Embeddings (t-SNE)", "", img("embedding_png", "t-SNE of held-out embeddings"), "",
+              "## How to read this", "", HOW_TO_READ, ""]
     return "\n".join(parts)
 
 
@@ -334,26 +359,47 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:90%}"
         ".warn{background:#fff3cd;border:2px solid #d39e00;padding:.8em;font-weight:bold;margin:.6em 0}"
-        ".prov{background:#eef3fb;border:1px solid #9db4d9;padding:.8em}img{max-width:100%}")
+        ".prov{background:#eef3fb;border:1px solid #9db4d9;padding:.8em}img{max-width:100%}"
+        ".na{color:#666;font-style:italic}pre{font-size:80%;white-space:pre-wrap}")
 
 
-def _html(summary: dict, rows: list[dict], png_bytes: bytes) -> str:
+def _html(summary: dict, rows: list[dict], evaluation: dict | None, pngs: dict[str, bytes | None]) -> str:
     e = html.escape
     title = f"fedus run report — {summary.get('scenario') or 'unnamed scenario'}"
     warn = "".join(f'<div class="warn">⚠ {e(w)}</div>' for w in _warnings(summary))
     prov = "".join(f"<li><b>{e(k)}:</b> {e(v)}</li>" for k, v in _provenance_items(summary))
-    img = base64.b64encode(png_bytes).decode("ascii")
+    config = json.dumps(summary.get("config"), indent=1, sort_keys=True) if summary.get("config") else None
+    prov += ("<li><details><summary><b>Run config</b></summary><pre>" + e(config) + "</pre></details></li>" if config
+             else f"<li><b>Run config:</b> {NOT_AVAILABLE}</li>")
+
+    def na(text: str = NOT_AVAILABLE) -> str:
+        return f'<p class="na">{e(text)}</p>'
+
+    def table(head, body) -> str:
+        return _html_table(head, body) if body else na()
+
+    def img(key: str, alt: str, missing: str = _NO_EVAL) -> str:
+        data = pngs.get(key)
+        return (f'<img alt="{e(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+                if data else na(missing))
+
+    sec = lambda name, body: f'<section id="{name.split()[0].lower()}"><h2>{e(name)}</h2>\n{body}</section>\n'  # noqa: E731
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
         f"<style>{_CSS}</style></head><body>\n<h1>{e(title)}</h1>\n{warn}\n"
-        f'<div class="prov"><h2>Provenance</h2><ul>{prov}</ul></div>\n'
-        f"<h2>Per-site results</h2>\n{_html_table(OVERVIEW_HEAD, _overview_rows(rows))}\n"
-        f"<h3>Probes: teacher / random-init student / distilled student</h3>\n"
-        f"{_html_table(PROBE_HEAD, _probe_rows(rows, summary.get('sites') or {}))}\n"
-        + (f"<h2>Privacy and update validation</h2>\n{_html_table(PRIVACY_HEAD, _privacy_rows(summary))}\n"
-           if _privacy_rows(summary) else "")
-        + f'<h2>Per-round curves</h2>\n<img alt="per-round curves" src="data:image/png;base64,{img}">\n'
-        f"<h2>How to read this</h2>\n<p>{e(HOW_TO_READ)}</p>\n</body></html>\n"
+        f'<div class="prov">{sec("Provenance", f"<ul>{prov}</ul>")}</div>\n'
+        + sec("Per-site results", _html_table(OVERVIEW_HEAD, _overview_rows(rows))
+              + "<h3>Probes: teacher / random-init student / distilled student</h3>\n"
+              + _html_table(PROBE_HEAD, _probe_rows(rows, summary.get("sites") or {}))
+              + "<h3>Evaluation protocol: teacher / federated student / random init (100 % labels, mean ± std)</h3>\n"
+              + (_html_table(PROTOCOL_HEAD, protocol_rows(evaluation)) if protocol_rows(evaluation) else na(_NO_EVAL)))
+        + sec("Label-efficiency curves", img("label_efficiency_png", "label-efficiency curves"))
+        + sec("Per-round curves", img("per_round_png", "per-round curves", NOT_AVAILABLE))
+        + sec("Privacy and update validation", table(PRIVACY_HEAD, _privacy_rows(summary)))
+        + sec("Data cards", table(CARD_HEAD, card_rows(summary)))
+        + sec("Embeddings (t-SNE)", img("embedding_png", "t-SNE of held-out embeddings"))
+        + sec("How to read this", f"<p>{e(HOW_TO_READ)}</p>")
+        + "</body></html>\n"
     )
 
 
@@ -361,19 +407,22 @@ def _html(summary: dict, rows: list[dict], png_bytes: bytes) -> str:
 
 
 def write_report(run_dir: Path) -> dict[str, Path]:
-    """Reads run_dir/summary.json; writes run_dir/report/{sites.csv, rounds.csv, report.md, report.html, per_round.png}; returns their paths.
+    """Reads run_dir/summary.json (and evaluation.json from `fedus evaluate`, when present); writes
+    run_dir/report/{sites.csv, rounds.csv, protocol.csv, report.md, report.html, *.png}; returns their paths.
 
-    Keys of the returned dict: sites_csv, rounds_csv, report_md, report_html, per_round_png.
+    Keys: sites_csv, rounds_csv, protocol_csv, report_md, report_html, per_round_png, and
+    label_efficiency_png / embedding_png only when the run has been evaluated offline.
     """
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"no summary.json in {run_dir}")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    evaluation = read_evaluation(run_dir) or evaluation_from_summary(summary)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"sites_csv": out / "sites.csv", "rounds_csv": out / "rounds.csv", "report_md": out / "report.md",
-             "report_html": out / "report.html", "per_round_png": out / "per_round.png"}
+    paths = {"sites_csv": out / "sites.csv", "rounds_csv": out / "rounds.csv", "protocol_csv": out / "protocol.csv",
+             "report_md": out / "report.md", "report_html": out / "report.html", "per_round_png": out / "per_round.png"}
 
     rounds = _rounds(summary)
     sites = _site_names(summary, rounds)
@@ -381,7 +430,19 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     rows = [_site_row(s, infos.get(s) or {}, rounds) for s in sites]
     _write_csv(paths["sites_csv"], rows, _site_fields())
     _write_csv(paths["rounds_csv"], _rounds_long(rounds), ["round", "site", "metric", "value"])
+    _write_csv(paths["protocol_csv"], protocol_csv_rows(evaluation),
+               ["site", "model", "task", "metric", "fraction", "n", "mean", "std"])
     _plot(paths["per_round_png"], rounds, sites)
-    paths["report_md"].write_text(_markdown(summary, rows, paths["per_round_png"].name), encoding="utf-8")
-    paths["report_html"].write_text(_html(summary, rows, paths["per_round_png"].read_bytes()), encoding="utf-8")
+    pngs = {"per_round_png": paths["per_round_png"].read_bytes(), "label_efficiency_png": label_efficiency_png(evaluation),
+            "embedding_png": embedding_png(evaluation)}
+    for key in ("label_efficiency_png", "embedding_png"):
+        stale = out / f"{key[:-4]}.png"
+        if pngs[key]:
+            paths[key] = stale
+            stale.write_bytes(pngs[key])
+        elif stale.exists():
+            stale.unlink()  # from an earlier evaluation: must not sit beside a report that lacks it
+    names = {k: p.name for k, p in paths.items() if k.endswith("_png")}
+    paths["report_md"].write_text(_markdown(summary, rows, evaluation, names), encoding="utf-8")
+    paths["report_html"].write_text(_html(summary, rows, evaluation, pngs), encoding="utf-8")
     return paths

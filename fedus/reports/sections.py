@@ -1,0 +1,161 @@
+"""Report sections fed by the offline evaluation (evaluation.json) and the data cards.
+
+Each builder returns rows or PNG bytes, or None when its data are absent, so the page
+can say "not available in this run" instead of dropping the section silently.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+NOT_AVAILABLE = "not available in this run"
+MODEL_NAMES = {"teacher": "teacher", "student": "federated student", "random_init": "random init"}
+# (task, metric) pairs of the three-way table, at the full label fraction
+PROTOCOL_METRICS = (("knn", "acc"), ("cls", "acc"), ("cls", "macro_f1"), ("cls", "balanced_acc"),
+                    ("seg", "dice"), ("seg", "iou"))
+PROTOCOL_HEAD = ["site", "task", "metric", "teacher", "federated student", "random init", "gap to teacher (student − teacher)",
+                 "student beats random init"]
+CARD_HEAD = ["site", "train images", "held-out images", "classes", "masks", "skipped images", "data card"]
+
+
+def read_evaluation(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "evaluation.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _summary_index(evaluation: dict) -> dict[tuple, dict]:
+    out = {}
+    for site, res in (evaluation.get("sites") or {}).items():
+        for s in (res or {}).get("summary") or []:
+            try:  # a hand-edited or truncated evaluation.json must not break the whole report
+                key = (site, str(s["model"]), str(s["task"]), str(s["metric"]), float(s["fraction"]))
+                out[key] = {**s, "mean": float(s["mean"]), "std": float(s.get("std") or 0.0)}
+            except (KeyError, TypeError, ValueError):
+                continue
+    return out
+
+
+def _pm(s: dict | None) -> str:
+    if s is None:
+        return "—"
+    return f"{s['mean']:.3f}" + (f" ± {s['std']:.3f}" if s.get("n", 1) > 1 else "")
+
+
+def protocol_rows(evaluation: dict | None) -> list[list[str]] | None:
+    """Three-way rows (teacher / federated student / random init, mean ± std over seeds) at fraction 1.0."""
+    if not evaluation or not evaluation.get("sites"):
+        return None
+    idx = _summary_index(evaluation)
+    rows = []
+    for site in evaluation["sites"]:
+        for task, metric in PROTOCOL_METRICS:
+            cells = {m: idx.get((site, m, task, metric, 1.0)) for m in MODEL_NAMES}
+            if all(v is None for v in cells.values()):
+                continue
+            t, s, r = cells["teacher"], cells["student"], cells["random_init"]
+            gap = "—" if t is None or s is None else f"{s['mean'] - t['mean']:+.3f}"
+            beats = "—" if s is None or r is None else ("yes" if s["mean"] > r["mean"] else "no")
+            rows.append([site, task, metric, _pm(t), _pm(s), _pm(r), gap, beats])
+    return rows or None
+
+
+def protocol_csv_rows(evaluation: dict | None) -> list[dict[str, Any]]:
+    return [{"site": k[0], **s} for k, s in _summary_index(evaluation or {}).items()]
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def label_efficiency_png(evaluation: dict | None) -> bytes | None:
+    """One panel per (task, site): mean ± std vs label fraction (log x), one line per model."""
+    if not evaluation or not evaluation.get("sites"):
+        return None
+    idx = _summary_index(evaluation)
+    tasks = [(t, m) for t, m in (("cls", "macro_f1"), ("seg", "dice")) if any(k[2:4] == (t, m) for k in idx)]
+    sites = list(evaluation["sites"])
+    if not tasks:
+        return None
+    fig = Figure(figsize=(3.6 * len(sites), 3.2 * len(tasks)), dpi=100)
+    axes = fig.subplots(len(tasks), len(sites), squeeze=False)
+    for i, (task, metric) in enumerate(tasks):
+        for j, site in enumerate(sites):
+            ax = axes[i][j]
+            for k, (model, label) in enumerate(MODEL_NAMES.items()):
+                pts = sorted((f, s) for (st, mo, ta, me, f), s in idx.items() if (st, mo, ta, me) == (site, model, task, metric))
+                if pts:
+                    ax.errorbar([f for f, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
+                                marker="o", capsize=3, color=f"C{k}", label=label)
+            ax.set_xscale("log")
+            ax.set(title=f"{site.replace('$', '')}: {task} {metric}", xlabel="label fraction", ylabel=metric)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
+    return _png(fig)
+
+
+def embedding_png(evaluation: dict | None) -> bytes | None:
+    """t-SNE of held-out embeddings coloured by centre: teacher and federated student side by side."""
+    emb = (evaluation or {}).get("embedding") or {}
+    ok = lambda e: isinstance(e, dict) and all(isinstance(e.get(k), list) for k in ("x", "y", "centre")) \
+        and len(e["x"]) == len(e["y"]) == len(e["centre"]) > 0  # noqa: E731
+    models = [m for m in ("teacher", "student") if ok(emb.get(m))]
+    if not models:
+        return None
+    fig = Figure(figsize=(5.5 * len(models), 4.8), dpi=100)
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models):
+        e = emb[model]
+        centres = list(dict.fromkeys(e["centre"]))
+        for k, c in enumerate(centres):
+            pts = [(x, y) for x, y, cc in zip(e["x"], e["y"], e["centre"]) if cc == c]
+            ax.scatter(*zip(*pts), s=10, alpha=0.7, color=f"C{k % 10}", label=c.replace("$", ""))
+        ax.set(title=f"{MODEL_NAMES[model]} (t-SNE, held-out images)", xticks=[], yticks=[])
+        ax.legend(fontsize=7, markerscale=2)
+    return _png(fig)
+
+
+def card_rows(summary: dict) -> list[list[str]] | None:
+    """Per site: counts the site itself reported, plus its shareable data card when one was recorded."""
+    sites = summary.get("sites") or {}
+    rows = []
+    for name, info in sites.items():
+        if not isinstance(info, dict) or not info:
+            continue
+        g = lambda k: "—" if info.get(k) in (None, "") else info.get(k)  # noqa: E731
+        classes = info.get("classes")
+        skipped = info.get("skipped") or {}
+        card = info.get("data_card") or info.get("card")
+        rows.append([name, str(g("n_train")), str(g("n_test")),
+                     ", ".join(map(str, classes)) if classes else ("none" if classes == [] else "—"),
+                     {True: "yes", False: "no"}.get(info.get("has_masks"), "—"),
+                     ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none",
+                     json.dumps(card, sort_keys=True) if card else "no data card recorded"])
+    return rows or None
+
+
+def evaluation_from_summary(summary: dict) -> dict | None:
+    """The protocol as sites reported it in their last-round evaluate (eval.protocol-at = last), if any."""
+    from fedus.evaluation.protocol import from_metrics
+
+    for entry in sorted(summary.get("rounds") or [], key=lambda e: e.get("round") or 0, reverse=True):
+        sites = {site: {"site": site, "rows": [], "summary": rows} for site, m in (entry.get("eval") or {}).items()
+                 if isinstance(m, dict) and (rows := from_metrics(m))}
+        if sites:
+            return {"round": entry.get("round"), "sites": sites, "embedding": {}}
+    return None

@@ -1,0 +1,81 @@
+"""Teacher target cache: same targets as the live teacher, read back without it, wiped when they'd be stale."""
+
+import pytest
+import torch
+
+from fedus.config import ConfigError
+from fedus.distill.target_cache import TargetCache, cache_fields
+from fedus.models.teacher import Teacher
+from fedus.site import Site
+
+
+def _cfg(tiny_cfg, tmp_path, *extra):
+    return tiny_cfg.with_overrides([f"train.target-cache-dir={str(tmp_path)!r}".replace("'", '"'),
+                                    "train.target-views=1", *extra])
+
+
+@pytest.fixture
+def teacher_calls(monkeypatch):
+    calls = {"images": 0}
+    forward = Teacher.forward
+
+    def counting(self, x):
+        calls["images"] += x.shape[0]
+        return forward(self, x)
+
+    monkeypatch.setattr(Teacher, "forward", counting)
+    return calls
+
+
+def test_cached_targets_equal_the_live_teacher_on_the_same_view(tiny_cfg, tmp_path):
+    site = Site(_cfg(tiny_cfg, tmp_path, "train.target-views=3"), 0)
+    cache, views = site.targets
+    items = [views[j] for j in (0, 4, 7, 8)]
+    images, slots = torch.stack([i["image"] for i in items]), torch.stack([i["slot"] for i in items])
+    assert torch.equal(views[4]["image"], items[1]["image"])  # view k of image i is reproducible
+    assert not torch.equal(views[3]["image"], views[4]["image"])  # and views differ
+    live = site.teacher(images)
+    first = cache.lookup(site.teacher, slots, images)  # computed and stored
+    again = cache.lookup(site.teacher, slots, images)  # read back
+    torch.testing.assert_close(first, live, rtol=2e-3, atol=2e-3)  # fp16 storage
+    assert torch.equal(first, again) and cache.hits == 4 and cache.misses == 4
+
+
+def test_a_second_run_reads_the_cache_and_never_calls_the_teacher(tiny_cfg, tmp_path, teacher_calls):
+    cfg = _cfg(tiny_cfg, tmp_path)
+    site = Site(cfg, 0)
+    state0 = site.student().state_dict()
+    _, m1 = site.train(state0, 1)
+    assert teacher_calls["images"] > 0 and m1["target_cache_hit_rate"] < 1.0
+    teacher_calls["images"] = 0
+    again = Site(cfg, 0)  # a new process: opens the files on disk, draws the same views
+    _, m2 = again.train(state0, 1)
+    assert teacher_calls["images"] == 0 and m2["target_cache_hit_rate"] == 1.0
+
+
+@pytest.mark.parametrize("change", ['teacher.blocks="1"', "data.image-size=48", "data.augment-policy=natural",
+                                    "train.target-views=2"])
+def test_a_changed_teacher_image_size_policy_or_k_invalidates(tiny_cfg, tmp_path, change):
+    cfg = _cfg(tiny_cfg, tmp_path)
+    images = torch.randint(0, 255, (4, 32, 32), dtype=torch.uint8)
+    cache = TargetCache(tmp_path / "c", cache_fields(cfg, images), tokens=4, dim=8)
+    cache.lookup(lambda x: torch.ones(len(x), 4, 8), torch.tensor([0, 1]), torch.zeros(2, 3, 32, 32))
+    same = TargetCache(tmp_path / "c", cache_fields(cfg, images), tokens=4, dim=8)
+    assert same.filled.sum() == 2 and float(same.targets[1].mean()) == 1.0
+    changed = TargetCache(tmp_path / "c", cache_fields(cfg.with_overrides([change]), images), tokens=4, dim=8)
+    assert changed.filled.sum() == 0
+    other_data = TargetCache(tmp_path / "c", cache_fields(cfg, images.flip(0)), tokens=4, dim=8)
+    assert other_data.filled.sum() == 0
+
+
+def test_site_step_with_the_cache_lowers_the_loss_and_raises_held_out_cosine(tiny_cfg, tmp_path):
+    site = Site(_cfg(tiny_cfg, tmp_path, "train.target-views=2", "train.local-steps=8"), 0)
+    state0 = site.student().state_dict()
+    state, metrics = site.train(state0, 1)
+    assert metrics["loss_after"] < metrics["loss_before"]
+    assert site.evaluate(state, 1)["cos"] > site.evaluate(state0, 1)["cos"]
+
+
+def test_the_cache_is_for_token_mse_only(tiny_cfg):
+    with pytest.raises(ConfigError, match="token-mse"):
+        tiny_cfg.with_overrides(["train.target-views=4", "distill.loss=repulsive-kd"])
