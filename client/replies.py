@@ -8,11 +8,13 @@ that is a path, a per-image list - is refused here, before it can be sent.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedus.intake.card import check_card
 from server.strategy import SCORES_RECORD, SITE_RECORD
 
 
@@ -41,6 +43,13 @@ def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
 def _check_site_facts(facts: dict) -> dict:
     out = {}
     for key, value in facts.items():
+        if key == "data_card":  # the one structured fact: only the card's own shape may leave
+            try:
+                check_card(json.loads(value))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise EgressViolation(f"data card refused: {err}") from None
+            out[key] = value
+            continue
         values = value if isinstance(value, list) else [value]
         for v in values:
             if isinstance(v, str) and (os.sep in v or os.path.exists(v) or len(v) > 120):
@@ -57,6 +66,8 @@ def site_facts(name: str, describe: dict) -> dict:
              "classes": list(describe["classes"]) or [""], "has_masks": bool(describe["has_masks"])}
     for reason, count in describe.get("skipped", {}).items():
         facts[f"skipped_{reason}"] = int(count)
+    if describe.get("data_card"):
+        facts["data_card"] = json.dumps(describe["data_card"], sort_keys=True)
     return facts
 
 

@@ -18,12 +18,13 @@ from rich.table import Table
 
 from fedus.config import ConfigError
 from fedus.intake.cli import data_app
-from fedus.deployment.cli import certs_app, client_app, server, site_app
+from fedus.deployment.cli import certs_app, client_app, doctor, server, site_app
 from fedus.processes import FlowerProcessError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 app.add_typer(data_app, name="data", help="Site data intake: scan an archive into a manifest; the shareable data card.")
 app.command(help="Start the consortium server (SuperLink, TLS + site auth) and run fedus on the sites.")(server)
+app.command(help="Pre-flight checks at a site: server, TLS chain, key, data, one site-step batch.")(doctor)
 app.add_typer(client_app, name="client")
 app.add_typer(certs_app, name="certs")
 app.add_typer(site_app, name="site")

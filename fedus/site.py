@@ -13,6 +13,7 @@ from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from fedus.config import RunConfig
@@ -84,9 +85,12 @@ class Site:
 
     def describe(self) -> dict:
         """Aggregate facts about the site's data (counts only)."""
+        from fedus.intake.card import card_of_rows
+
         d = self.data
         return {"n_train": len(d.train), "n_test": len(d.test), "classes": d.classes,
-                "has_masks": d.has_masks, "skipped": (d.train.report.skipped or {})}
+                "has_masks": d.has_masks, "skipped": (d.train.report.skipped or {}),
+                "data_card": card_of_rows(pd.concat([d.train_rows, d.test_rows]))}
 
     def train(self, state: dict[str, torch.Tensor], server_round: int, rounds: int | None = None,
               ledger: PrivacyLedger | None = None, epsilon_budget: float | None = None,

@@ -127,3 +127,32 @@ def test_deployed_site_reads_its_own_manifest(tiny_cfg, task_identity, synthetic
     assert not reply.has_error(), reply.error
     site = dict(reply.content["site"])
     assert site["name"] == "hospital-a" and site["n_train"] + site["n_test"] == len(own)
+
+
+def test_each_site_sends_its_data_card_and_the_report_shows_it(tiny_cfg, task_identity, tmp_path):
+    import json
+
+    from client.replies import site_facts
+    from fedus.intake.card import check_card
+    from fedus.reports.sections import card_rows
+    from fedus.site import Site
+
+    site = Site(tiny_cfg, 0)
+    facts = site_facts(site.name, site.describe())
+    card = check_card(json.loads(facts["data_card"]))
+    n = len(site.data.train_rows) + len(site.data.test_rows)
+    assert card["images"] == (n if n >= 5 else "<5")
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1, message_type=MessageType.EVALUATE)
+    reply = build_reply(msg, {"cos": 0.5, "num-examples": 3}, facts)
+    assert json.loads(reply.content["site"]["data_card"]) == card
+
+    small = json.loads(facts["data_card"]) | {"files": 2}  # a count under k must not leave
+    with pytest.raises(EgressViolation):
+        build_reply(msg, {"cos": 0.5, "num-examples": 3}, facts | {"data_card": json.dumps(small)})
+    pathy = json.loads(facts["data_card"])
+    pathy["by"]["model"] = {"/srv/pacs/patient-17": 9}
+    with pytest.raises(EgressViolation):
+        build_reply(msg, {"cos": 0.5, "num-examples": 3}, facts | {"data_card": json.dumps(pathy)})
+
+    rows = card_rows({"sites": {site.name: dict(reply.content["site"])}})
+    assert rows[0][0] == site.name and json.loads(rows[0][-1]) == card

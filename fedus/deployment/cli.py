@@ -127,3 +127,29 @@ def site_register(public_key: Path = typer.Argument(..., help="a site's NAME.pub
         raise ConfigError(f"no running fedus server found under {state} (start `fedus server --state {state}` first)")
     register_site(public_key, name, flower_env(home))
     console.print(f"registered {name}")
+
+
+def doctor(
+    site: str = typer.Option(..., help="this site's name"),
+    data: Path = typer.Option(..., help="the site's manifest CSV or a folder holding manifest.csv"),
+    server: str = typer.Option(..., help="SuperLink address host:port"),
+    root_cert: Optional[Path] = typer.Option(None, help="the consortium's ca.crt"),
+    key: Optional[Path] = typer.Option(None, help="this site's private key"),
+    config: Optional[Path] = typer.Option(None, help="the consortium's run config TOML (teacher, student, sizes)"),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="config override KEY=VALUE (repeatable)"),
+) -> None:
+    """Pre-flight checks at a site: server, TLS chain, key, data, one real site-step batch."""
+    from rich.table import Table
+
+    from fedus.deployment.doctor import run_checks
+
+    cfg = server_config(config, sets, None, None)
+    checks = run_checks(cfg, site, data, server, root_cert, key)
+    table = Table(title=f"fedus doctor: {site}")
+    for col in ("check", "result", "detail"):
+        table.add_column(col)
+    for c in checks:
+        table.add_row(c.name, "[green]pass[/green]" if c.ok else "[red]FAIL[/red]", c.detail)
+    Console().print(table)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)

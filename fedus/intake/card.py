@@ -59,6 +59,12 @@ def data_card(manifest: str | Path, k: int = K_ANONYMITY) -> dict:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise ConfigError(f"{path}: not a readable CSV ({err.__class__.__name__})") from None
+    return card_of_rows(df, k)
+
+
+def card_of_rows(df: pd.DataFrame, k: int = K_ANONYMITY) -> dict:
+    """The card of manifest rows already in memory (a site's share of a simulation manifest)."""
+    df = df.astype(str).replace({"nan": "", "None": ""})
     get = lambda col: df[col] if col in df.columns else pd.Series([""] * len(df), dtype=str)  # noqa: E731
     files = df.drop_duplicates("source_hash") if "source_hash" in df.columns else df
     fcol = lambda col: list(get(col).loc[files.index])  # noqa: E731
@@ -105,3 +111,23 @@ def write_card(manifest: str | Path, out: str | Path | None = None, k: int = K_A
     md_path = json_path.with_suffix(".md")
     md_path.write_text(render_markdown(card))
     return json_path, md_path
+
+
+def check_card(card: dict, k_min: int = K_ANONYMITY) -> dict:
+    """Egress check: `card` has exactly the card's shape, counts >= k or "<k", short value names, nothing else."""
+    if set(card) != {"card", "version", "k", "files", "images", "burned_in_annotation", "by"} or set(card["by"]) != set(FIELDS):
+        raise ValueError("not a fedus data card")
+    k = int(card["k"])
+    if k < k_min:
+        raise ValueError(f"data card suppression k={k} is below {k_min}")
+    def ok(n) -> bool:
+        return n == f"<{k}" or (isinstance(n, int) and (n == 0 or n >= k))
+    counts = [card["files"], card["images"], card["burned_in_annotation"]]
+    for field, values in card["by"].items():
+        for name, n in values.items():
+            if not isinstance(name, str) or len(name) > 64 or "/" in name or "\\" in name:
+                raise ValueError(f"data card value name in '{field}' looks like free text or a path")
+            counts.append(n)
+    if not all(ok(n) for n in counts):
+        raise ValueError("data card holds a count below its suppression threshold")
+    return card

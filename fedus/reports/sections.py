@@ -141,6 +141,11 @@ def card_rows(summary: dict) -> list[list[str]] | None:
         classes = info.get("classes")
         skipped = info.get("skipped") or {}
         card = info.get("data_card") or info.get("card")
+        if isinstance(card, str):  # sites send it as JSON text (client/replies.py)
+            try:
+                card = json.loads(card)
+            except ValueError:
+                card = None
         rows.append([name, str(g("n_train")), str(g("n_test")),
                      ", ".join(map(str, classes)) if classes else ("none" if classes == [] else "—"),
                      {True: "yes", False: "no"}.get(info.get("has_masks"), "—"),

@@ -1,0 +1,104 @@
+"""`fedus doctor`: a site's pre-flight checks, each a pass/fail row with a reason.
+
+Run at the hospital before joining: it reaches the server, verifies the TLS
+chain against the consortium CA, checks the site key, reads the data, and runs
+one real batch of the site step, so problems show up before round 1.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedus.config import ConfigError, RunConfig
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"server address must be host:port, got '{address}'")
+    return host, int(port)
+
+
+def check_server(address: str, timeout: float = 5.0) -> Check:
+    host, port = _split(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return Check("server reachable", True, f"TCP connect to {address}")
+    except OSError as err:
+        return Check("server reachable", False, f"{address}: {err.strerror or err}")
+
+
+def check_tls(address: str, root_cert: Path | None, timeout: float = 5.0) -> Check:
+    if root_cert is None:
+        return Check("TLS chain", False, "no --root-cert given (a site without TLS cannot join a secure server)")
+    host, port = _split(address)
+    try:
+        context = ssl.create_default_context(cafile=str(root_cert))
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                subject = dict(x[0] for x in tls.getpeercert()["subject"])
+                return Check("TLS chain", True, f"{tls.version()}, server '{subject.get('commonName', '?')}' signed by the consortium CA")
+    except FileNotFoundError:
+        return Check("TLS chain", False, f"root certificate not found: {root_cert}")
+    except ssl.SSLCertVerificationError as err:
+        return Check("TLS chain", False, f"certificate not trusted: {err.verify_message}")
+    except (ssl.SSLError, OSError) as err:
+        return Check("TLS chain", False, f"no TLS handshake with {address}: {err}")
+
+
+def check_key(private_key: Path | None) -> Check:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if private_key is None:
+        return Check("site key", False, "no --key given")
+    try:
+        key = serialization.load_ssh_private_key(Path(private_key).read_bytes(), password=None)
+    except FileNotFoundError:
+        return Check("site key", False, f"not found: {private_key}")
+    except ValueError as err:
+        return Check("site key", False, f"not an OpenSSH private key: {err}")
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        return Check("site key", False, "not an EC key (make one with `fedus site keygen NAME`)")
+    mode = Path(private_key).stat().st_mode & 0o077
+    if mode:
+        return Check("site key", False, f"{private_key} is readable by others (chmod 600)")
+    return Check("site key", True, f"EC {key.curve.name}; registration is confirmed when the site connects")
+
+
+def check_data_and_step(cfg: RunConfig, name: str, data: Path) -> list[Check]:
+    from fedus.site import Site
+
+    manifest = data / "manifest.csv" if data.is_dir() else data
+    try:
+        site = Site(cfg, name, manifest, own_manifest=True)
+        d = site.data
+        skipped = sum((d.train.report.skipped or {}).values()) + sum((d.test.report.skipped or {}).values())
+        rows = [Check("site data", len(d.train) > 0 and len(d.test) > 0,
+                      f"{len(d.train)} train / {len(d.test)} held-out images, {skipped} unreadable skipped, "
+                      f"classes {d.classes or 'none'}, masks {'yes' if d.has_masks else 'no'}")]
+    except ConfigError as err:
+        return [Check("site data", False, str(err)), Check("one-batch site step", False, "no data")]
+    try:
+        one = site.cfg.model_copy(update={"train": site.cfg.train.model_copy(update={"local_steps": 1})})
+        site.cfg = one
+        _, metrics = site.train(site.student().state_dict(), 1, 1)
+        rows.append(Check("one-batch site step", True, f"{metrics.get('images_per_s', 0):.1f} img/s on {site.device}"))
+    except Exception as err:  # doctor reports every failure as a row
+        rows.append(Check("one-batch site step", False, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"))
+    return rows
+
+
+def run_checks(cfg: RunConfig, name: str, data: Path, server: str, root_cert: Path | None, private_key: Path | None) -> list[Check]:
+    return [check_server(server), check_tls(server, root_cert), check_key(private_key),
+            *check_data_and_step(cfg, name, data)]
