@@ -129,7 +129,7 @@ def test_tls_deployment_with_site_auth_survives_a_site_killed_in_round_2(tmp_pat
         (registered / f"{site}.pub").write_bytes((keys / site / f"{site}.pub").read_bytes())
     manifests = _site_manifests(synthetic_manifest, tmp_path)
     port, state = free_port(), tmp_path / "server"
-    args = _server_args(state, port, certs, registered, rounds=2, timeout=25) + ["--set", "federation.quorum=2"]
+    args = _server_args(state, port, certs, registered, rounds=2, timeout=60) + ["--set", "federation.quorum=2"]
     server = _spawn(args, tmp_path / "server.log")
     sites = {s: _spawn(_site_args(s, manifests[s], port, tmp_path / s, certs, keys / s / s), tmp_path / f"{s}.log")
              for s in SITES}
