@@ -4,26 +4,11 @@ context), the JSON writer, and random images for throughput-only runs."""
 from __future__ import annotations
 
 import json
-import os
-import platform
 from pathlib import Path
 
 import torch
 
-
-def machine() -> dict:
-    info = {
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-    }
-    try:
-        info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+from fedus.machine import machine  # noqa: F401  (the package's, so `fedus bench` records the same facts)
 
 
 class RandomImages(torch.utils.data.Dataset):

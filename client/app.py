@@ -1,4 +1,5 @@
-"""fedus ClientApp: a site distils (train) and evaluates (evaluate) the global student.
+"""fedus ClientApp: a site distils (train) and evaluates (evaluate) the global student, and
+scores its images for coreset selection (query; only a histogram and a count go back).
 
 Which site this node is comes from Flower's node_config: `partition-id` in
 simulation (index into the sorted site list), or `site-name` + `data-path`
@@ -9,16 +10,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.app import Context, Message
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.replies import build_reply, site_facts
 from fedus.config import RunConfig
+from fedus.coreset import SiteScores, histogram
 from fedus.privacy import PrivacyLedger
 from fedus.site import Site, get_site
 from fedus.transfer import TRANSFER_KEY, decode, encode, nbytes
+from server.central_dp import KEY_CLIPPING_NORM, clip_update
+from server.strategy import KEEP_KEY, THRESHOLD_KEY
 
 app = ClientApp()
+CORESET_STATE = "coreset-scores"  # this node's scores between re-scorings (context.state: never sent)
 
 
 def site_for(context: Context) -> Site:
@@ -50,19 +57,57 @@ def site_privacy(site: Site, context: Context) -> tuple[PrivacyLedger | None, fl
     return ledger, budget
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    site = site_for(context)
+def received(msg: Message, context: Context) -> tuple[Site, ConfigRecord, str, dict[str, torch.Tensor]]:
+    """This node's site, the instruction's config, its wire dtype and the student sent (back in fp32)."""
     config = msg.content["config"]
     dtype = str(config.get(TRANSFER_KEY, "fp32"))  # the wire dtype, both ways (fedus.transfer)
-    sent = decode(msg.content["arrays"].to_torch_state_dict(), dtype)
+    return site_for(context), config, dtype, decode(msg.content["arrays"].to_torch_state_dict(), dtype)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site, config, dtype, sent = received(msg, context)
     rounds = int(config["rounds"]) if "rounds" in config else None  # the server's clock (server/app.py sends it)
     ledger, budget = site_privacy(site, context)
-    state, metrics = site.train(sent, int(config["server-round"]), rounds, ledger, budget)
+    subset = coreset_subset(site, context, config, sent)
+    state, metrics = site.train(sent, int(config["server-round"]), rounds, ledger, budget, subset=subset)
     expected = {k: v.shape for k, v in sent.items()}
+    if state is not None and KEY_CLIPPING_NORM in config:  # central DP, client side: the update is clipped here
+        state = clip_update(state, sent, float(config[KEY_CLIPPING_NORM]))
     state = encode(state, dtype) if state is not None else None
     metrics = metrics | {"bytes_sent": nbytes(state) if state is not None else 0}
+    if subset is not None:
+        metrics |= {"coreset_kept": len(subset), "coreset_threshold": float(config[THRESHOLD_KEY])}
     return build_reply(msg, metrics, site_facts(site.name, site.describe()), state, expected)
+
+
+def store_scores(context: Context, scores: SiteScores) -> None:
+    context.state[CORESET_STATE] = ArrayRecord({k: torch.from_numpy(v) for k, v in scores.to_arrays().items()})
+
+
+def coreset_subset(site: Site, context: Context, config: ConfigRecord, sent: dict) -> np.ndarray | None:
+    """The training images this round uses: None (all) unless the server sent a coreset threshold.
+    Scores come from the last query round; a node without them (restarted, newly sampled) scores
+    now with the student it was sent. Its own keep count if the server had its histogram, else
+    as many as score at or above the threshold; never fewer than two (a batch BatchNorm can train on)."""
+    if THRESHOLD_KEY not in config:
+        return None
+    stored = context.state.get(CORESET_STATE)
+    scores = SiteScores.from_arrays({k: v.numpy() for k, v in stored.to_torch_state_dict().items()}) if stored else None
+    if scores is None or len(scores.scores) != len(site.data.train):
+        scores = site.coreset_scores(sent, int(config["server-round"]))
+        store_scores(context, scores)
+    keep = int(config[KEEP_KEY]) if KEEP_KEY in config else scores.keep_at(float(config[THRESHOLD_KEY]))
+    return scores.select(max(keep, min(2, len(scores.scores))), site.cfg.coreset.quota)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Coreset scoring with the global student sent: the scores stay here, the histogram goes back."""
+    site, config, _, sent = received(msg, context)
+    scores = site.coreset_scores(sent, int(config["server-round"]))
+    store_scores(context, scores)
+    return build_reply(msg, {}, {}, histogram=histogram(scores.scores, site.cfg.coreset.bins))
 
 
 @app.evaluate()

@@ -1,9 +1,10 @@
 """The one place that builds what leaves a site.
 
 A reply may carry the student's weights (keys and shapes exactly those of the
-student that was sent), scalar metrics, and a few aggregate facts about the
-site (counts, class names). Anything else - an image-shaped array, a string
-that is a path, a per-image list - is refused here, before it can be sent.
+student that was sent), scalar metrics, a few aggregate facts about the site
+(counts, class names), and for coreset selection a fixed-bin histogram of its
+scores with their count. Anything else - an image-shaped array, a string that
+is a path, a per-image list - is refused here, before it can be sent.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedus.intake.card import check_card
-from server.strategy import SCORES_RECORD, SITE_RECORD
+from server.strategy import CORESET_RECORD, SCORES_RECORD, SITE_RECORD
+
+MAX_LIST = 64  # a longer list could be one value per image
 
 
 class EgressViolation(RuntimeError):
@@ -54,10 +57,19 @@ def _check_site_facts(facts: dict) -> dict:
         for v in values:
             if isinstance(v, str) and (os.sep in v or os.path.exists(v) or len(v) > 120):
                 raise EgressViolation(f"site fact '{key}' looks like a path or free text")
-        if isinstance(value, list) and len(value) > 64:
+        if isinstance(value, list) and len(value) > MAX_LIST:
             raise EgressViolation(f"site fact '{key}' is a long list (per-image values?)")
         out[key] = value
     return out
+
+
+def _check_histogram(histogram: list[int]) -> dict:
+    """Counts per fixed score bin (fedus.coreset), nothing per image: a short list of counts."""
+    if not isinstance(histogram, list) or not 2 <= len(histogram) <= MAX_LIST:
+        raise EgressViolation(f"coreset histogram must be a list of 2..{MAX_LIST} bin counts")
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in histogram):
+        raise EgressViolation("coreset histogram holds something other than bin counts")
+    return {"histogram": histogram, "count": sum(histogram)}
 
 
 def site_facts(name: str, describe: dict) -> dict:
@@ -78,10 +90,18 @@ def build_reply(
     state: dict[str, torch.Tensor] | None = None,
     expected: dict[str, torch.Size] | None = None,
     site_scores: dict[str, float] | None = None,
+    histogram: list[int] | None = None,
 ) -> Message:
     """`metrics` must have the same keys at every site (Flower aggregates them);
-    `site_scores` are the site-specific ones (probes exist only where labels/masks do)."""
-    content = RecordDict({"metrics": MetricRecord(_check_metrics(metrics)), SITE_RECORD: ConfigRecord(_check_site_facts(facts))})
+    `site_scores` are the site-specific ones (probes exist only where labels/masks do);
+    `histogram`: coreset score counts per bin (a query reply: pass no metrics and no facts)."""
+    content = RecordDict()
+    if metrics or histogram is None:
+        content["metrics"] = MetricRecord(_check_metrics(metrics))
+    if facts or histogram is None:
+        content[SITE_RECORD] = ConfigRecord(_check_site_facts(facts))
+    if histogram is not None:
+        content[CORESET_RECORD] = MetricRecord(_check_histogram(histogram))
     if site_scores:
         content[SCORES_RECORD] = ConfigRecord(_check_metrics(site_scores))
     if state is not None:

@@ -1,4 +1,4 @@
-"""`fedus` command line: demo, simulate, report, data intake, and deployment (server, client, certs, site).
+"""`fedus` command line: demo, simulate, report, export, benchmarks, data intake, and deployment (server, client, certs, site).
 
 User mistakes (bad paths, unknown model names, bad config values) end in one
 line on stderr and exit code 2, never a traceback.
@@ -28,6 +28,8 @@ app.command(help="Pre-flight checks at a site: server, TLS chain, key, data, one
 app.add_typer(client_app, name="client")
 app.add_typer(certs_app, name="certs")
 app.add_typer(site_app, name="site")
+bench_app = typer.Typer(no_args_is_help=True)
+app.add_typer(bench_app, name="bench", help="Deployment figures: CPU latency, parameters and GFLOPs of teacher and student.")
 console = Console(stderr=True)
 
 Sets = typer.Option(None, "--set", help="config override KEY=VALUE, e.g. train.lr=3e-4 (repeatable)")
@@ -175,6 +177,59 @@ def evaluate(
         fail(f"only eval.* keys may be overridden offline, got '{bad[0]}'")
     console.print(f"evaluation: {evaluate_run(run_dir, site or None, overrides=sets or [])}")
     console.print(f"report: {write_report(run_dir)['report_html']}")
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a run directory holding summary.json and global checkpoints"),
+    onnx: bool = typer.Option(False, "--onnx", help="write ONNX (the one format so far)"),
+    out: Optional[Path] = typer.Option(None, help="where the .onnx goes (default: RUN_DIR/student-encoder-round-NNN.onnx)"),
+) -> None:
+    """Export the run's final global student encoder (feature map + embedding, dynamic batch) and check it with onnxruntime."""
+    from fedus.export import ExportCheckError, export_run
+
+    if not onnx:
+        fail("give --onnx (the only export format so far)")
+    try:
+        done = export_run(run_dir, out)
+    except ExportCheckError as err:
+        fail(str(err))
+    check = done["check"]
+    console.print(f"{done['onnx']}: {done['student']} encoder, round {done['round']}, {done['params'] / 1e6:.2f} M params, "
+                  f"input [batch, 3, {done['image_size']}, {done['image_size']}] in [0, 1]")
+    console.print(f"onnxruntime vs PyTorch: max abs diff {check['max_abs_diff']:.2e} < {check['tolerance']:g} "
+                  f"(random inputs, batch sizes {check['batch_sizes']}): OK")
+
+
+@bench_app.command("latency")
+def bench_latency(
+    run_dir: Optional[Path] = typer.Argument(None, help="a run directory: its final student, its teacher's architecture and image size"),
+    teacher: Optional[str] = typer.Option(None, help="timm model name of the teacher (without RUN_DIR)"),
+    student: Optional[str] = typer.Option(None, help="timm model name of the student (without RUN_DIR)"),
+    image_size: Optional[int] = typer.Option(None, help="input size without RUN_DIR (default 224)"),
+    warmup: int = typer.Option(10, help="untimed runs first"),
+    runs: int = typer.Option(50, help="timed runs (median and p90)"),
+    threads: int = typer.Option(1, help="onnxruntime intra-op threads (0 = onnxruntime's default: all cores)"),
+    out: Optional[Path] = typer.Option(None, help="JSON result (default: RUN_DIR/latency-cpu.json, or ./latency-cpu.json)"),
+) -> None:
+    """CPU latency (onnxruntime, batch 1), parameters and GFLOPs of teacher and student, with student/teacher ratios."""
+    if run_dir is not None and (teacher, student, image_size) != (None, None, None):
+        fail("give RUN_DIR or --teacher/--student/--image-size, not both (a run dir fixes all three)")
+    if run_dir is None and (teacher is None or student is None):
+        fail("give RUN_DIR, or --teacher ARCH --student ARCH [--image-size N]")
+    from fedus.latency import compare_latency, latency_table, models_from_archs, models_from_run
+
+    if run_dir is not None:
+        t, s, image_size, provenance = models_from_run(run_dir)
+    else:
+        image_size = image_size or 224
+        t, s, provenance = models_from_archs(teacher, student, image_size)
+    result = compare_latency(t, s, image_size, provenance, warmup=warmup, runs=runs, threads=threads)
+    out = out or (run_dir / "latency-cpu.json" if run_dir is not None else Path("latency-cpu.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    Console().print(latency_table(result))
+    console.print(f"wrote {out}")
 
 
 def main() -> None:

@@ -145,6 +145,41 @@ class PrivacyConfig(_Section):
         return self
 
 
+class CentralDPConfig(_Section):
+    """Client-level DP on the aggregate (server/central_dp.py): each site's update clipped to a fixed norm
+    (at the server, or at the site before it leaves), the uniform mean noised, epsilon from Flower's RDP
+    accountant. Protects each site's whole contribution; sample-level DP-SGD is `privacy`."""
+
+    mode: Literal["off", "server-fixed", "client-fixed"] = "off"
+    clipping_norm: float = Field(1.0, gt=0, description="L2 bound of one site's float update")
+    noise_multiplier: float = Field(1.0, gt=0, description="noise std = noise-multiplier x clipping-norm / sampled-sites")
+    sampled_sites: int = Field(0, ge=0, description="sites per round the noise is calibrated for (0 = federation.min-sites)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
+
+
+class CoresetConfig(_Section):
+    """Federated coreset selection (fedus.coreset): sites train on their best-scored images; only
+    score histograms and counts leave a site, the server turns them into one global budget."""
+
+    enabled: bool = False
+    budget: float = Field(0.2, gt=0.0, le=1.0, description="fraction of all sites' training images kept")
+    rescore_every: int = Field(5, ge=1, description="re-score and re-select in rounds 1, 1+R, 1+2R, ...")
+    warmup_steps: int = Field(3, ge=0, description="student steps over which per-image gradient norms are tracked")
+    clusters: int = Field(8, ge=1, description="k-means clusters of the teacher's embeddings, per site")
+    feature_weight: float = Field(1.0, ge=0.0, description="weight of the feature rank in the fused score")
+    quality_weight: float = Field(1.0, ge=0.0, description="weight of the gradient (quality) rank in the fused score")
+    quota: float = Field(0.5, ge=0.0, le=1.0, description="share of a site's kept images spread over its clusters by size")
+    duplicate_ratio: float = Field(
+        0.1, ge=0.0, description="nearest neighbour closer than this x the site's median = a duplicate (0 = off)")
+    bins: int = Field(32, ge=2, le=64, description="fixed histogram bins over [0, 1]: what a site sends")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "CoresetConfig":
+        if self.feature_weight + self.quality_weight <= 0:
+            raise ValueError("feature-weight + quality-weight must be > 0")
+        return self
+
+
 class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1)
     probe_rounds: str = Field("first,last", description="'first,last', 'all' or '0,5,10'")
@@ -181,6 +216,8 @@ class RunConfig(_Section):
     federation: FederationConfig = FederationConfig()
     eval: EvalConfig = EvalConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    coreset: CoresetConfig = CoresetConfig()
+    central_dp: CentralDPConfig = CentralDPConfig()
 
     @model_validator(mode="after")
     def _target_cache_fits(self) -> "RunConfig":
@@ -189,6 +226,10 @@ class RunConfig(_Section):
             if names != {"token-mse"} or self.privacy.enabled:
                 raise ValueError("train.target-views (cached teacher targets) works with distill.loss = 'token-mse' "
                                  "only, without privacy; set train.target-views = 0")
+        if self.coreset.enabled and self.privacy.enabled:  # scoring reads every image outside DP-SGD's accounting
+            raise ValueError("coreset.enabled does not combine with privacy.enabled (scoring is not DP-accounted)")
+        if self.central_dp.mode != "off" and self.federation.robust != "none":
+            raise ValueError("central-dp needs the uniform mean: set federation.robust = 'none'")
         return self
 
     # --- construction -------------------------------------------------------

@@ -155,6 +155,7 @@ def check_completed(run_dir: Path) -> None:
     summary = run_dir / "summary.json"
     if not summary.is_file():
         raise FlowerProcessError(f"the run wrote no summary; see {run_dir / 'flwr-run.log'}")
-    status = json.loads(summary.read_text()).get("status")
-    if status != "completed":
-        raise FlowerProcessError(f"the run ended '{status}'; see {run_dir / 'flwr-run.log'}")
+    record = json.loads(summary.read_text())
+    if record.get("status") != "completed":
+        why = f": {record['error']}" if record.get("error") else ""
+        raise FlowerProcessError(f"the run ended '{record.get('status')}'{why}; see {run_dir / 'flwr-run.log'}")

@@ -66,6 +66,7 @@ class RunRecorder:
     def __init__(self, run_dir: str | Path, cfg: RunConfig, prov: dict[str, Any]):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.strategy_state: dict | None = None  # restored by `resume`
         self.summary: dict[str, Any] = {
             "fedus_version": __version__, "status": "running", "started": now(), "finished": None,
             "scenario": cfg.scenario, "config": cfg.to_dict(), "provenance": prov, "sites": {}, "rounds": [],
@@ -102,6 +103,7 @@ class RunRecorder:
         history = state_file.get("rng_history", {})
         if str(last) in history:
             random.setstate(_rng_from_json(history[str(last)]))
+        rec.strategy_state = state_file.get("strategy_history", {}).get(str(last))
         rec.flush()
         return rec, last, load_state(run_dir / f"global-round-{last:03d}.safetensors")
 
@@ -145,20 +147,29 @@ class RunRecorder:
                 entry["epsilon_per_round"][str(server_round)] = m.get("epsilon_round", 0.0)
         self.flush()
 
-    def checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Path:
+    def record_coreset(self, server_round: int, facts: dict[str, Any]) -> None:
+        """The round's coreset plan: global threshold, images kept of all (sites' own counts are in `train`)."""
+        self._round(server_round)["coreset"] = facts
+        self.flush()
+
+    def checkpoint(self, server_round: int, state: dict[str, torch.Tensor], strategy_state: dict | None = None) -> Path:
+        """`strategy_state`: what the server's strategy must carry over a resume (e.g. the central-DP
+        accountant), JSON-serialisable, saved with the round."""
         name = f"global-round-{server_round:03d}.safetensors"
         path = save_state(state, self.dir / name, metadata={"round": str(server_round), "fedus": __version__})
         self._round(server_round)["checkpoint"] = name
-        self._save_server_state(server_round)
+        self._save_server_state(server_round, strategy_state)
         self.flush()
         return path
 
-    def _save_server_state(self, server_round: int) -> None:
-        """Round number and the server's RNG state per checkpoint, written atomically beside it."""
+    def _save_server_state(self, server_round: int, strategy_state: dict | None = None) -> None:
+        """Round number, the server's RNG state and the strategy's state per checkpoint, written atomically."""
         path = self.dir / SERVER_STATE
         state = json.loads(path.read_text()) if path.is_file() else {}
         history = state.get("rng_history", {})
         history[str(server_round)] = random.getstate()
+        if strategy_state is not None:
+            state.setdefault("strategy_history", {})[str(server_round)] = strategy_state
         state.update(round=server_round, strategy="FedAvg" if self.summary["config"]["federation"].get("robust", "none") == "none"
                      else self.summary["config"]["federation"]["robust"], rng_history=history)
         tmp = self.dir / f".{SERVER_STATE}.tmp"

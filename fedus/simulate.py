@@ -43,8 +43,11 @@ def local_superlink(run_dir: Path, env: dict[str, str], startup_timeout: float =
         kill_flower_home(Path(env["FLWR_HOME"]))
 
 
-def simulate(cfg: RunConfig, num_sites: int, run_dir: Path, timeout: float = 3600.0) -> None:
-    """Run `cfg` with one SuperNode per site (1 CPU each); the run record lands in `run_dir`."""
+def simulate(cfg: RunConfig, num_sites: int, run_dir: Path, timeout: float = 3600.0, cpus_per_site: float = 1.0) -> None:
+    """Run `cfg` with one virtual SuperNode per site; the run record lands in `run_dir`.
+
+    `cpus_per_site`: Flower's client resources. Ray runs as many ClientApp actors as the
+    machine has CPUs for, each serving many sites in turn (1 = one site per core at a time)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
     flwr_home = run_dir / "flwr-home"
@@ -54,7 +57,7 @@ def simulate(cfg: RunConfig, num_sites: int, run_dir: Path, timeout: float = 360
     with local_superlink(run_dir, env) as address:
         (flwr_home / "config.toml").write_text(tomli_w.dumps(
             {"superlink": {"default": "fedus-sim", "fedus-sim": {"address": address, "insecure": True}}}))
-        federation = f"num-supernodes={num_sites} client-resources-num-cpus=1"
+        federation = f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site:g}"
         cmd = [flower_bin("flwr"), "run", str(APP_ROOT), "fedus-sim", "--stream",
                "--federation-config", federation, "--run-config", str(run_dir / "run-config.toml")]
         stream_run(cmd, env, run_dir / "flwr-run.log", cfg.rounds, timeout)

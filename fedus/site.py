@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import Subset
 
 from fedus.config import RunConfig
+from fedus.coreset import SiteScores, score_site
 from fedus.data.sites import SiteData, load_site
 from fedus.distill.clock import RoundClock
 from fedus.distill.losses import attach_distill_modules, required_views
@@ -92,10 +96,18 @@ class Site:
                 "has_masks": d.has_masks, "skipped": (d.train.report.skipped or {}),
                 "data_card": card_of_rows(pd.concat([d.train_rows, d.test_rows]))}
 
+    def coreset_scores(self, state: dict[str, torch.Tensor], server_round: int) -> SiteScores:
+        """Coreset scores of the training images with the global student of `server_round` (fedus.coreset)."""
+        t = self.cfg.train
+        return score_site(self.student(state), self.teacher, self.data.train.images, self.cfg.coreset, t.lr,
+                          t.weight_decay, t.batch_size, derived_seed(self.cfg.seed, "coreset", server_round, self.name),
+                          self.device, t.precision)
+
     def train(self, state: dict[str, torch.Tensor], server_round: int, rounds: int | None = None,
               ledger: PrivacyLedger | None = None, epsilon_budget: float | None = None,
-              ) -> tuple[dict[str, torch.Tensor] | None, dict[str, float]]:
+              subset: np.ndarray | None = None) -> tuple[dict[str, torch.Tensor] | None, dict[str, float]]:
         """`rounds`: the run's total as the server sent it (default: this config's), for the global clock.
+        `subset`: indices of the training images to train on (a coreset selection); default all.
 
         With `privacy.enabled`: DP-SGD, charged to the site's ledger (default: the simulation
         ledger under the run dir) against `epsilon_budget` (default: the run config's). A round
@@ -115,6 +127,8 @@ class Site:
         cache = None
         if self.cfg.train.target_views:
             cache, train_set = self.targets
+        if subset is not None:
+            train_set = Subset(train_set, [int(i) for i in subset])
         result = site_step(
             self.student(state), self.teacher, train_set,
             reference, self.cfg.train, derived_seed(self.cfg.seed, server_round, self.name), self.device,
@@ -193,6 +207,7 @@ def shared_teacher(cfg: RunConfig) -> Teacher:
     if key not in _TEACHERS:
         _TEACHERS.clear()
         _TEACHERS[key] = create_teacher(cfg.teacher, cfg.data.image_size)
+        print(f"fedus: teacher built ({cfg.teacher.arch}, process {os.getpid()})", flush=True)
     return _TEACHERS[key]
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from fedus.config import RunConfig
 from fedus.data.sites import list_sites, load_site, resolve_manifest
 from fedus.data.manifest import read_manifest
+from fedus.models.backbones import create_backbone
 from fedus.models import create_teacher, save_state
 from fedus.progress import progress_bar
 
@@ -70,7 +71,13 @@ def fit_teacher(cfg: RunConfig, out: Path, steps: int = 150, lr: float = 3e-4, d
             opt.step()
             bar.advance()
 
-    save_state(backbone.state_dict(), out, metadata={"arch": cfg.teacher.arch, "fitted_by": "fedus.teacher_fit"})
+    # the teacher was pruned after its last used block; save a complete timm state dict (the unused
+    # blocks stay at their random init, as they were never trained) so the file loads like any checkpoint
+    full = create_backbone(cfg.teacher.arch, cfg.data.image_size)
+    unexpected = full.load_state_dict(backbone.state_dict(), strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"pruned teacher does not fit {cfg.teacher.arch}: {unexpected[:3]}")
+    save_state(full.state_dict(), out, metadata={"arch": cfg.teacher.arch, "fitted_by": "fedus.teacher_fit"})
     data_label = data_label or (cfg.scenario if cfg.data.source == "synthetic" else str(manifest))
     source = (f"teacher fitted here on the pooled training splits of {data_label} "
               f"(supervised: site labels + masks, {steps} steps, lr {lr:g}, seed {cfg.seed}); not a foundation model")

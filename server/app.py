@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedus.config import RunConfig
+from fedus.config import ConfigError, RunConfig
 from fedus.runs import RunRecorder, default_run_dir, describe_data, provenance
 from fedus.site import initial_student
 from server.strategy import FedusFedAvg
@@ -42,6 +42,10 @@ def main(grid: Grid, context: Context) -> None:
                 grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds - done, timeout=fed.round_timeout,
                 train_config=ConfigRecord({"rounds": cfg.rounds}), evaluate_config=ConfigRecord({"rounds": cfg.rounds}),
             )
+    except ConfigError as err:  # e.g. central DP calibrated for another number of sites: say why in the record
+        recorder.summary["error"] = str(err)
+        recorder.finish("failed")
+        raise
     except BaseException:
         recorder.finish("failed")
         raise

@@ -2,6 +2,9 @@
 
 Aggregation itself is Flower's: this subclass only records each site's reply
 (per-site metrics, failures) and checkpoints the global student every round.
+With coreset selection on, it also runs a query round before training every R
+rounds (sites send score histograms) and puts the threshold and each site's keep
+count in that site's train config.
 """
 
 from __future__ import annotations
@@ -9,19 +12,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 from logging import WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from fedus.config import RunConfig
+from fedus.coreset import plan_budget
 from fedus.privacy.accounting import REFUSALS
 from fedus.runs import RunRecorder
 from fedus.transfer import TRANSFER_KEY, decode, encode, nbytes
+from server.central_dp import CentralDP
 from server.validation import validate_updates
 
 SITE_RECORD = "site"
 SCORES_RECORD = "site-scores"
+CORESET_RECORD = "coreset"
+THRESHOLD_KEY, KEEP_KEY = "coreset-threshold", "coreset-keep"  # train config a site reads (client/app.py)
 
 
 def mean_of_common_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -56,6 +63,11 @@ class FedusFedAvg(FedAvg):
         self.asked = {"train": 0, "eval": 0}  # sites asked this round: one that never answers is a failure too
         self.quorum = cfg.federation.quorum or cfg.federation.min_sites
         self.bytes_down = 0  # server -> sites, this round's train messages
+        self.coreset: tuple[float, dict[int, int]] | None = None  # last threshold, keep count per node id
+        self.central_dp = (CentralDP(cfg.central_dp, cfg.federation.min_sites, cfg.seed)
+                           if cfg.central_dp.mode != "off" else None)
+        if self.central_dp is not None:
+            self.central_dp.load_state_dict(recorder.strategy_state.get("central_dp") if recorder.strategy_state else None)
 
     def on_the_wire(self, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
         """The global student as sent (`federation.transfer-dtype`), and a copy of the config saying so."""
@@ -76,10 +88,54 @@ class FedusFedAvg(FedAvg):
         self.sent = arrays  # updates are validated against what was sent
         # Flower passes the same ConfigRecord every round: on_the_wire copies before adding to it.
         wire, config = self.on_the_wire(arrays, config)
+        if self.central_dp is not None:
+            config = ConfigRecord(dict(config) | self.central_dp.train_config())
         messages = list(super().configure_train(server_round + self.offset, wire, config, grid))
+        if self.central_dp is not None:  # refuses when Flower sampled other than what the noise assumes
+            self.central_dp.check_sampled(len(messages), population=len(list(grid.get_node_ids())))
+        if self.cfg.coreset.enabled:
+            messages = self.with_coreset(server_round + self.offset, messages, wire, grid)
         self.asked["train"] = len(messages)
         self.bytes_down = nbytes(wire.to_torch_state_dict()) * len(messages)
         return messages
+
+    def with_coreset(self, server_round: int, messages: list[Message], wire: ArrayRecord, grid: Grid) -> list[Message]:
+        """Re-score in rounds 1, 1+R, ... (and the first round of a resumed run); every round, each
+        site's train config gets the threshold and, where its histogram arrived, its keep count."""
+        if self.coreset is None or (server_round - 1) % self.cfg.coreset.rescore_every == 0:
+            self.coreset = self.query_histograms(server_round, [m.metadata.dst_node_id for m in messages], wire, grid)
+        else:
+            self.recorder.record_coreset(server_round, {"rescored": False, "threshold": self.coreset[0]})
+        if self.coreset is None:  # no site answered: this round trains on all images
+            return messages
+        threshold, keep = self.coreset
+        out = []
+        for m in messages:  # Flower's messages share one RecordDict: each site gets its own config
+            node = m.metadata.dst_node_id
+            config = ConfigRecord(dict(m.content["config"]) | {THRESHOLD_KEY: threshold}
+                                  | ({KEEP_KEY: keep[node]} if node in keep else {}))
+            out.append(Message(RecordDict({"arrays": m.content["arrays"], "config": config}),
+                               dst_node_id=node, message_type=m.metadata.message_type))
+        return out
+
+    def query_histograms(self, server_round: int, nodes: list[int], wire: ArrayRecord,
+                         grid: Grid) -> tuple[float, dict[int, int]] | None:
+        """One query round: the global student out, score histograms + counts back, budget planned."""
+        config = ConfigRecord({"server-round": server_round, TRANSFER_KEY: self.cfg.federation.transfer_dtype})
+        messages = [Message(RecordDict({"arrays": wire, "config": config}), dst_node_id=n, message_type=MessageType.QUERY)
+                    for n in nodes]
+        replies = [r for r in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+                   if not r.has_error() and CORESET_RECORD in r.content]
+        if len(replies) < len(nodes):
+            log(WARNING, "round %s coreset: %s of %s sites sent no histogram", server_round, len(nodes) - len(replies), len(nodes))
+        if not replies:
+            self.recorder.record_coreset(server_round, {"rescored": False, "sites_replied": 0})
+            return None
+        plan = plan_budget([list(r.content[CORESET_RECORD]["histogram"]) for r in replies], self.cfg.coreset.budget)
+        self.recorder.record_coreset(server_round, {
+            "rescored": True, "threshold": plan.threshold, "target": plan.target, "kept": plan.kept,
+            "total": plan.total, "sites_replied": len(replies)})
+        return plan.threshold, {r.metadata.src_node_id: k for r, k in zip(replies, plan.keep)}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         messages = list(super().configure_evaluate(server_round + self.offset, *self.on_the_wire(arrays, config), grid))
@@ -150,14 +206,31 @@ class FedusFedAvg(FedAvg):
             log(WARNING, "round %s: %s usable replies, quorum is %s: not aggregated", server_round, len(usable), self.quorum)
             self.recorder.record_counts(server_round, {"quorum_not_met": 1})
             return None, None
-        arrays, metrics = aggregate(self, server_round, usable)
+        if self.central_dp is not None:
+            arrays, metrics = self.release(server_round, usable)
+        else:
+            arrays, metrics = aggregate(self, server_round, usable)
         if arrays is not None and self.sent is not None:  # Flower averages int buffers into float64: restore dtypes
             like = self.sent.to_torch_state_dict()
             arrays = ArrayRecord({k: v.to(like[k].dtype) if k in like else v
                                   for k, v in arrays.to_torch_state_dict().items()})
         if arrays is not None:
-            self.recorder.checkpoint(server_round, arrays.to_torch_state_dict())
+            extra = {"central_dp": self.central_dp.state_dict()} if self.central_dp is not None else None
+            self.recorder.checkpoint(server_round, arrays.to_torch_state_dict(), extra)
         return arrays, metrics
+
+    def release(self, server_round: int, usable: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Central DP: the noised uniform mean of clipped updates, relative to the model the sites received."""
+        dtype = self.cfg.federation.transfer_dtype
+        base = decode(encode(self.sent.to_torch_state_dict(), dtype), dtype, self.sent.to_torch_state_dict())
+        out = self.central_dp.release(server_round, base, [m.content["arrays"].to_torch_state_dict() for m in usable])
+        if out is None:
+            log(WARNING, "round %s: central DP not released (%s usable updates, noise calibrated for %s, or an "
+                "unclipped update)", server_round, len(usable), self.central_dp.sites)
+            self.recorder.record_counts(server_round, {"central_dp_not_released": 1})
+            return None, None
+        self.recorder.record_counts(server_round, out.facts)
+        return ArrayRecord(out.state), mean_of_common_metrics([m.content for m in usable], self.weighted_by_key)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         replies = self._per_site(server_round + self.offset, "eval", replies)

@@ -19,6 +19,16 @@ TINY = [
 ]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core box: a second intra-op thread costs far more than it gives (~7x here).
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synthetic_manifest(tmp_path_factory) -> Path:
     from fedus.data.synthetic import write_synthetic_corpus

@@ -13,13 +13,7 @@ from fedus.evaluation.knn import knn_accuracy
 from fedus.evaluation.protocol import evaluate_checkpoint, evaluate_models
 from fedus.models.weights import save_state
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny heads on a shared 2-core box: a second intra-op thread costs far more than it gives (~7x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny heads: one intra-op thread (see conftest)
 
 
 FAST = ["eval.label-fractions=\"0.5,1.0\"", "eval.seeds=2", "eval.decoder-steps=15", "eval.decoder-stages=2"]

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from client.app import app as client_app
 from client.replies import EgressViolation, build_reply
 from fedus.runs import RunRecorder
-from fedus.site import initial_student
+from fedus.site import get_site, initial_student
 from server.strategy import FedusFedAvg
 
 
@@ -156,3 +156,23 @@ def test_each_site_sends_its_data_card_and_the_report_shows_it(tiny_cfg, task_id
 
     rows = card_rows({"sites": {site.name: dict(reply.content["site"])}})
     assert rows[0][0] == site.name and json.loads(rows[0][-1]) == card
+
+
+def test_coreset_query_sends_only_a_histogram_and_train_keeps_its_share(tiny_cfg, task_identity):
+    """Query: the site scores its images with the student sent and answers with bin counts and their
+    sum only; the scores stay in the node's state, and the next train message's keep count is used."""
+    cfg = tiny_cfg.with_overrides(["coreset.enabled=true", "coreset.bins=8", "coreset.warmup-steps=1"])
+    context = _context(cfg)
+    msg, _ = _instruction(cfg, MessageType.QUERY)
+    reply = client_app(msg, context)
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.keys()) == {"coreset"}
+    record = dict(reply.content["coreset"])
+    n_train = len(get_site(cfg, 0).data.train)
+    assert set(record) == {"histogram", "count"} and len(record["histogram"]) == 8
+    assert sum(record["histogram"]) == record["count"] == n_train
+    assert len(context.state["coreset-scores"].to_torch_state_dict()["scores"]) == n_train  # kept at the site
+    train, _ = _instruction(cfg, MessageType.TRAIN)
+    train.content["config"]["coreset-threshold"], train.content["config"]["coreset-keep"] = 0.5, 5
+    metrics = dict(client_app(train, context).content["metrics"])
+    assert metrics["coreset_kept"] == 5 and metrics["num-examples"] == 5

@@ -48,3 +48,19 @@ def test_student_tokens_align_to_teacher_grid(arch):
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values()))
     x = torch.rand(2, 3, 64, 64)
     assert student(x).shape == teacher(x).shape
+
+
+def test_teacher_is_pruned_after_its_last_block_and_gives_the_same_tokens():
+    """The frozen teacher keeps only what its chosen blocks need; the tokens are the full model's."""
+    from fedus.models.backbones import create_backbone, parse_blocks
+    from fedus.models.teacher import Teacher
+
+    torch.manual_seed(0)
+    teacher = create_teacher(TeacherConfig(arch="resnet18", blocks="2,"), 64)
+    full = create_backbone("resnet18", 64)
+    missing = full.load_state_dict(teacher.backbone.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith(("layer3", "layer4")) for k in missing)
+    reference = Teacher(full, parse_blocks("2,"), "mean", 64)
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(teacher(x), reference(x))
+    assert sum(p.numel() for p in teacher.parameters()) < 0.25 * sum(p.numel() for p in reference.parameters())

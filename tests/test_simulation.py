@@ -72,14 +72,14 @@ def test_demo_runs_without_corpus_or_weights_and_every_site_learns(tmp_path):
 @pytest.mark.corpus
 def test_public_corpus_by_center_four_sites_each_distillation_loss_falls(tmp_path, corpus):
     run_dir = tmp_path / "corpus"
-    args = ["simulate", "--scenario", "public-corpus-by-center", "--rounds", "3", "--run-dir", str(run_dir),
+    args = ["simulate", "--scenario", "public-corpus-by-center", "--rounds", "2", "--run-dir", str(run_dir),
             "--fit-teacher-steps", "60", "--set", "data.max-images-per-site=160", "--set", "train.local-steps=10"]
     proc, seconds = _run(args, _env(tmp_path, str(corpus)), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"corpus simulation took {seconds:.0f} s")
     summary = json.loads((run_dir / "summary.json").read_text())
     train = [r["train"] for r in summary["rounds"] if "train" in r]
-    assert len(train) == 3 and set(train[0]) == {"busi", "ddti_roi", "hc18", "pocus_lung"}
+    assert len(train) == 2 and set(train[0]) == {"busi", "ddti_roi", "hc18", "pocus_lung"}
     for site in train[0]:
         assert train[-1][site]["loss_after"] < train[0][site]["loss_before"], site
         assert all(t[site]["loss_after"] < t[site]["loss_before"] for t in train), site

@@ -20,7 +20,20 @@ from fedus.config import ConfigError, RunConfig
 from fedus.evaluation.protocol import MODELS, evaluate_models, extract, stage_fn
 
 EVALUATION = "evaluation.json"
-__all__ = ["EVALUATION", "final_checkpoint", "embedding_coords", "evaluate_run"]
+__all__ = ["EVALUATION", "load_run", "final_checkpoint", "embedding_coords", "evaluate_run"]
+
+
+def load_run(run_dir: Path) -> tuple[dict, RunConfig]:
+    """A run dir's summary.json and the run config it records; a one-line ConfigError when it is not a run dir."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise ConfigError(f"no summary.json in {run_dir}: not a fedus run directory")
+    try:
+        summary = json.loads(path.read_text())
+        config = summary["config"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path} is not a fedus run summary (unreadable, or no run config)") from None
+    return summary, RunConfig.from_dict(config)
 
 
 def final_checkpoint(run_dir: Path, summary: dict) -> tuple[int, Path]:
@@ -51,8 +64,8 @@ def evaluate_run(run_dir: str | Path, sites: list[str] | None = None, models: tu
     from fedus.site import Site
 
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    cfg = RunConfig.from_dict(summary["config"]).with_overrides(overrides or [])
+    summary, cfg = load_run(run_dir)
+    cfg = cfg.with_overrides(overrides or [])
     rnd, ckpt = final_checkpoint(run_dir, summary)
     from fedus.models.weights import load_state
 

@@ -57,8 +57,8 @@ class Normalize(nn.Module):
 
 
 def feature_maps(model: nn.Module, x: torch.Tensor, indices: int | list[int]) -> list[torch.Tensor]:
-    """NCHW maps after the chosen blocks, for CNNs and ViTs alike."""
-    return model.forward_intermediates(x, indices=indices, intermediates_only=True, output_fmt="NCHW")
+    """NCHW maps after the chosen blocks, for CNNs and ViTs alike (blocks after the last one never run)."""
+    return model.forward_intermediates(x, indices=indices, intermediates_only=True, output_fmt="NCHW", stop_early=True)
 
 
 def parse_blocks(spec: str) -> int | list[int]:

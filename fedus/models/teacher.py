@@ -50,4 +50,7 @@ class Teacher(nn.Module):
 
 def create_teacher(cfg: TeacherConfig, image_size: int) -> Teacher:
     backbone = create_backbone(cfg.arch, image_size, cfg.weights)
+    # Frozen and only read up to its last chosen block: drop the rest (memory at every site, and the
+    # demo teacher's fit no longer trains blocks nobody reads). Weights were loaded before pruning.
+    backbone.prune_intermediate_layers(parse_blocks(cfg.blocks), prune_norm=False, prune_head=True)
     return Teacher(backbone, parse_blocks(cfg.blocks), cfg.combine, image_size)

@@ -1,0 +1,142 @@
+"""Coreset vs random subset vs full data at equal local steps: held-out token cosine to the teacher.
+
+Per case (teacher x data) and seed, every site scores its training images with the
+round-0 student (`Site.coreset_scores`: teacher k-means feature rank + warm-up gradient
+quality rank) and sends a histogram; `plan_budget` turns the summed histograms and the
+global budget into each site's keep count; each site then trains one round
+(`Site.train`, the real site step, `steps` steps) on (a) its coreset, (b) a random subset
+of the same size, (c) all its training images, from the same seeded student, and each
+student's held-out cosine to the teacher on the site's test split is measured (mean over
+sites, weighted by held-out images). Figures: per seed, and mean / std over seeds of the
+paired difference coreset - random.
+
+Cases: teacher = `random` (seeded random-init ViT-Ti, as the tests use) or `fitted`
+(a ResNet-18 stand-in teacher fitted here on the pooled training splits, as the demo
+does; not a foundation model); data = `clean` (the synthetic generator's images) or
+`planted` (plus duplicates and saturated / blank / noise frames, fedus.coreset.planted).
+
+    python bench/coreset.py                    # all four cases, 5 seeds (CPU, ~10-30 min on 2 cores)
+    python bench/coreset.py --cases random:clean --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.machine import machine, write_result  # noqa: E402
+from fedus.config import RunConfig  # noqa: E402
+from fedus.coreset import plan_budget  # noqa: E402
+from fedus.coreset.planted import plant  # noqa: E402
+from fedus.coreset.scores import histogram  # noqa: E402
+from fedus.data.synthetic import write_synthetic_corpus  # noqa: E402
+from fedus.site import Site, derived_seed, initial_student, pick_device  # noqa: E402
+from fedus.teacher_fit import fit_teacher  # noqa: E402
+
+SETTINGS = dict(image_size=32, centres=2, images_per_centre=100, student="resnet10t", head_hidden=128,
+                batch_size=16, steps=30, lr=1e-3, fit_steps=300, fit_lr=1e-3)
+TEACHERS = {"random": ("vit_tiny_patch16_224", "2"), "fitted": ("resnet18", "2,")}
+CASES = ["random:clean", "fitted:clean", "random:planted", "fitted:planted"]
+
+
+def config(p: dict, manifest: Path, teacher: str, seed: int, budget: float, weights: str = "") -> RunConfig:
+    arch, blocks = TEACHERS[teacher]
+    return RunConfig().with_overrides([
+        f"teacher.arch={arch}", f'teacher.blocks="{blocks}"', f"student.arch={p['student']}",
+        f"student.head-hidden={p['head_hidden']}", f"data.image-size={p['image_size']}", f'data.manifest="{manifest}"',
+        f"data.synthetic-centres={p['centres']}", f"train.batch-size={p['batch_size']}",
+        f"train.local-steps={p['steps']}", f"train.lr={p['lr']}", f"seed={seed}", "rounds=1",
+        "coreset.enabled=true", f"coreset.budget={budget}"] + ([f'teacher.weights="{weights}"'] if weights else []))
+
+
+def held_out_cos(sites: list[Site], states: list[dict]) -> float:
+    scores = [site.evaluate(state, 1) for site, state in zip(sites, states)]
+    return sum(s["cos"] * s["num-examples"] for s in scores) / sum(s["num-examples"] for s in scores)
+
+
+def run_seed(cfg: RunConfig, with_planted: bool) -> dict:
+    sites = [Site(cfg, i) for i in range(cfg.data.synthetic_centres)]
+    kinds = [np.array(plant(site.data.train, cfg.seed)) if with_planted else None for site in sites]
+    start = initial_student(cfg).state_dict()
+    scored = [site.coreset_scores(start, 1) for site in sites]
+    plan = plan_budget([histogram(s.scores, cfg.coreset.bins) for s in scored], cfg.coreset.budget)
+    subsets = {"coreset": [s.select(k, cfg.coreset.quota) for s, k in zip(scored, plan.keep)]}
+    rng = np.random.default_rng(derived_seed(cfg.seed, "random-subset"))
+    subsets["random"] = [np.sort(rng.choice(len(site.data.train), k, replace=False)) for site, k in zip(sites, plan.keep)]
+    subsets["full"] = [None] * len(sites)
+    row = {"seed": cfg.seed, "n_train": [len(s.data.train) for s in sites], "kept": plan.keep,
+           "threshold": round(plan.threshold, 4), "scoring_s": round(sum(s.seconds for s in scored), 2)}
+    if with_planted:
+        for name in ("coreset", "random"):
+            row[f"planted_in_{name}"] = sum(int((k[idx] != "clean").sum()) for k, idx in zip(kinds, subsets[name]))
+    for name, picks in subsets.items():
+        states = [site.train(start, 1, subset=pick)[0] for site, pick in zip(sites, picks)]
+        row[f"cos_{name}"] = round(held_out_cos(sites, states), 5)
+    return row
+
+
+def summary(rows: list[dict]) -> dict:
+    def stats(values: list[float]) -> dict:
+        return {"mean": round(statistics.mean(values), 5),
+                "std": round(statistics.stdev(values), 5) if len(values) > 1 else 0.0}
+
+    diff = [r["cos_coreset"] - r["cos_random"] for r in rows]
+    return {name: stats([r[f"cos_{name}"] for r in rows]) for name in ("coreset", "random", "full")} | {
+        "coreset_minus_random": stats(diff) | {"stderr": round(statistics.stdev(diff) / len(diff) ** 0.5, 5)
+                                                if len(diff) > 1 else 0.0},
+        "coreset_beats_random_seeds": f"{sum(d > 0 for d in diff)}/{len(diff)}"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", default=CASES, help="teacher:data, teacher in random/fitted, data in clean/planted")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--budget", type=float, default=0.2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    p, device, t0 = dict(SETTINGS), pick_device(), time.perf_counter()
+    results, teacher_source = {}, {"random": "random init (seeded); agreement with this teacher, not a foundation model"}
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = write_synthetic_corpus(Path(tmp), p["centres"], p["images_per_centre"], p["image_size"], seed=0)
+        weights = ""
+        if any(c.startswith("fitted") for c in args.cases):
+            fitted = fit_teacher(config(p, manifest, "fitted", 0, args.budget), Path(tmp) / "teacher.safetensors",
+                                 steps=p["fit_steps"], lr=p["fit_lr"], data_label="the benchmark's synthetic corpus")
+            weights, teacher_source["fitted"] = fitted.teacher.weights, fitted.teacher.source
+        for case in args.cases:
+            teacher, data = case.split(":")
+            rows = []
+            for seed in range(args.seeds):
+                cfg = config(p, manifest, teacher, seed, args.budget, weights if teacher == "fitted" else "")
+                rows.append(run_seed(cfg, data == "planted"))
+                print(case, rows[-1], flush=True)
+            results[case] = {"figures": summary(rows), "rows": rows}
+    cfg = config(p, Path("synthetic"), "random", 0, args.budget)
+    result = {
+        "benchmark": "coreset", "machine": machine(), "device": str(device),
+        "settings": p | {"budget": args.budget, "seeds": list(range(args.seeds)),
+                         "coreset": cfg.coreset.model_dump(by_alias=True),
+                         "training": "one site step per site from the seeded round-0 student (no aggregation); "
+                                     "coreset, random and full runs share the student, steps and training seed",
+                         "augment_policy": cfg.data.augment_policy, "mixup": cfg.train.mixup},
+        "teacher": {name: {"arch": TEACHERS[name][0], "blocks": TEACHERS[name][1], "weights": teacher_source[name]}
+                    for name in teacher_source},
+        "data": (f"fedus synthetic B-mode generator, {p['centres']} centres x {p['images_per_centre']} images, "
+                 f"{p['image_size']} px, corpus seed 0; per-site grouped train/test split (test fraction "
+                 f"{cfg.data.test_fraction}); held-out cosine on each site's test split; 'planted' adds 9 copies "
+                 f"of 3 images and 3 saturated, 3 blank, 3 noise frames to each site's training split"),
+        "seed": "per row: run seed (student init, k-means, warm-up, training order, random subset)",
+        "cases": results, "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    write_result(result, "coreset", "cpu" if device.type == "cpu" else "gpu", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Fused score, its histogram (the only thing that leaves a site) and the site's selection.
+
+Ranks, not raw values, are fused: distances and gradient norms have no common scale,
+while percentiles do. The fused score is a weighted mean of percentiles, so it lies in
+[0, 1] at every site and fixed-bin histograms from different sites add up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from fedus.config import CoresetConfig
+from fedus.coreset.feature import feature_rank, teacher_embeddings
+from fedus.coreset.quality import warmup_grad_stats
+from fedus.models import Student, Teacher
+
+
+def percentile(better: np.ndarray) -> np.ndarray:
+    """0 for the worst, 1 for the best (ties share their mean rank); inf/nan count as worst."""
+    better = np.where(np.isfinite(better), better, -np.inf)
+    if len(better) < 2:
+        return np.ones(len(better))
+    return (rankdata(better) - 1) / (len(better) - 1)
+
+
+def fuse(distance: np.ndarray, redundant: np.ndarray, grad_mean: np.ndarray, grad_var: np.ndarray,
+         feature_weight: float = 1.0, quality_weight: float = 1.0) -> np.ndarray:
+    """Feature rank (near its cluster's centre = good) and quality rank (small, steady gradient
+    = good; steadiness as std/mean, so large-but-steady is not called noisy twice) -> [0, 1].
+    Redundant copies score 0 whatever their ranks."""
+    feature = percentile(-distance)
+    cv = np.sqrt(grad_var) / np.maximum(grad_mean, 1e-12)
+    quality = (percentile(-grad_mean) + percentile(-cv)) / 2
+    fused = (feature_weight * feature + quality_weight * quality) / (feature_weight + quality_weight)
+    return np.where(redundant, 0.0, fused)
+
+
+def histogram(scores: np.ndarray, bins: int) -> list[int]:
+    """Counts of scores in `bins` equal bins over [0, 1] (the last bin includes 1)."""
+    counts, _ = np.histogram(np.clip(scores, 0.0, 1.0), bins=bins, range=(0.0, 1.0))
+    return [int(c) for c in counts]
+
+
+def select(scores: np.ndarray, clusters: np.ndarray, keep: int, quota: float = 0.5,
+           redundant: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the `keep` images a site trains on (sorted).
+
+    First each cluster gets floor(quota x keep x its share of the site) of its own best
+    non-redundant images, so a rare appearance is not crowded out by a tight, high-scoring
+    one; the rest go by score over the whole site. Redundant copies come last."""
+    n = len(scores)
+    keep = max(0, min(int(keep), n))
+    redundant = np.zeros(n, bool) if redundant is None else redundant
+    order = np.lexsort((np.arange(n), -scores, redundant))  # non-redundant first, then best score, then index
+    chosen = np.zeros(n, bool)
+    for c in np.unique(clusters):
+        members = order[(clusters[order] == c) & ~redundant[order]]
+        share = int(np.floor(quota * keep * np.sum(clusters == c) / max(n, 1)))
+        chosen[members[:share]] = True
+    rest = order[~chosen[order]][: keep - int(chosen.sum())]
+    chosen[rest] = True
+    return np.flatnonzero(chosen)
+
+
+@dataclass
+class SiteScores:
+    """A site's scores, kept at the site between re-scorings (never sent)."""
+
+    scores: np.ndarray  # float [N] in [0, 1]
+    clusters: np.ndarray  # int [N]
+    redundant: np.ndarray  # bool [N]
+    seconds: float = 0.0
+
+    def select(self, keep: int, quota: float) -> np.ndarray:
+        return select(self.scores, self.clusters, keep, quota, self.redundant)
+
+    def keep_at(self, threshold: float) -> int:
+        """How many of this site's images score at or above `threshold`."""
+        return int(np.sum(self.scores >= threshold))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"scores": self.scores.astype(np.float64), "clusters": self.clusters.astype(np.int64),
+                "redundant": self.redundant.astype(np.int64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "SiteScores":
+        return cls(np.asarray(arrays["scores"], np.float64), np.asarray(arrays["clusters"], np.int64),
+                   np.asarray(arrays["redundant"]).astype(bool))
+
+
+def score_site(student: Student, teacher: Teacher, raw: torch.Tensor, cfg: CoresetConfig, lr: float,
+               weight_decay: float, batch_size: int, seed: int, device: torch.device,
+               precision: str = "auto") -> SiteScores:
+    """Both ranks of a site's training images (uint8 [N,H,W]) with the current global student."""
+    start = time.perf_counter()
+    ranks = feature_rank(teacher_embeddings(teacher, raw, batch_size, device), cfg.clusters, seed, cfg.duplicate_ratio)
+    mean, var = warmup_grad_stats(student, teacher, raw, cfg.warmup_steps, lr, weight_decay, batch_size, seed,
+                                  device, precision)
+    scores = fuse(ranks.distance, ranks.redundant, mean, var, cfg.feature_weight, cfg.quality_weight)
+    return SiteScores(scores, ranks.clusters, ranks.redundant, time.perf_counter() - start)

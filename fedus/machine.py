@@ -1,0 +1,23 @@
+"""Machine facts that every benchmark figure carries (figures are never read without their context)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def machine() -> dict:
+    info = {
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+    }
+    try:
+        info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

@@ -1,0 +1,120 @@
+"""Client-level central DP: each site's update clipped to a fixed norm, uniform mean, Gaussian noise,
+epsilon composed per released round by Flower's RDP accountant (`flwr[dp]`).
+
+Flower's clipping and noise primitives are used on the student's *float* tensors
+only, in fp32: Flower's strategy wrappers would also clip and noise integer
+buffers (BatchNorm counters), see updates already rounded to fp16 for the wire,
+and draw noise from numpy's unseeded global RNG, which would break `--resume`'s
+guarantee of the same final model. Here the noise comes from a generator seeded
+by (run seed, round), and the accountant's state is checkpointed every round.
+
+The noise is calibrated for exactly `sampled-sites` updates per round: a round
+with fewer usable replies is not released (the previous global model stays),
+and a federation that samples a different number of sites refuses to start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update, compute_stdv, get_norm
+
+from fedus.config import CentralDPConfig, ConfigError
+
+__all__ = ["KEY_CLIPPING_NORM", "CentralDP", "CentralDPError", "clip_update"]
+
+CLIENT_CLIP_TOLERANCE = 1.01  # fp16 on the wire moves a clipped norm by far less than 1 %
+
+
+class CentralDPError(ConfigError):
+    """The federation does not match what the noise was calibrated for."""
+
+
+def float_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+def clip_update(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor], clipping_norm: float) -> dict[str, torch.Tensor]:
+    """`new` with its float update (new - base) clipped to `clipping_norm` (Flower's FlatClip), in fp32."""
+    keys = float_keys(base)
+    params = [new[k].detach().float().cpu().numpy().copy() for k in keys]
+    compute_clip_model_update(params, [base[k].float().cpu().numpy() for k in keys], clipping_norm)
+    return new | {k: torch.from_numpy(p).to(new[k].dtype) for k, p in zip(keys, params)}
+
+
+def update_norm(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
+    return get_norm([(new[k].float() - base[k].float()).numpy() for k in float_keys(base)])
+
+
+@dataclass
+class Release:
+    state: dict[str, torch.Tensor]
+    facts: dict[str, float]
+
+
+class CentralDP:
+    def __init__(self, cfg: CentralDPConfig, min_sites: int, seed: int):
+        self.cfg = cfg
+        self.sites = cfg.sampled_sites or min_sites
+        self.seed = seed
+        self.accountant = None
+        self._restored: dict | None = None
+
+    @property
+    def client_side(self) -> bool:
+        return self.cfg.mode == "client-fixed"
+
+    def train_config(self) -> dict[str, float]:
+        """What the sites are told: with client-side clipping, the norm to clip their update to."""
+        return {KEY_CLIPPING_NORM: self.cfg.clipping_norm} if self.client_side else {}
+
+    def check_sampled(self, sampled: int, population: int) -> None:
+        """Refuse to go on when Flower sampled a different number of sites than the noise assumes."""
+        if sampled != self.sites:
+            raise CentralDPError(
+                f"central DP noise is calibrated for {self.sites} sites per round but {sampled} were sampled; "
+                "set central-dp.sampled-sites (or federation.min-sites / fraction-train) to match")
+        if self.accountant is None:
+            from flwr.serverapp import RdpAccountant  # needs flwr[dp] (dp-accounting)
+
+            self.accountant = RdpAccountant(PrivacyConfig(
+                target_delta=self.cfg.delta, population_size=max(population, self.sites),
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION))
+            if self._restored:
+                self.accountant.load_state_dict(self._restored)
+
+    def release(self, server_round: int, base: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]]) -> Release | None:
+        """The noised mean of the clipped updates, or None when the round cannot be released."""
+        if len(updates) != self.sites or self.accountant is None:
+            return None
+        c, z = self.cfg.clipping_norm, self.cfg.noise_multiplier
+        norms = [update_norm(u, base) for u in updates]
+        if not self.client_side:
+            updates = [clip_update(u, base, c) for u in updates]
+        elif max(norms) > c * CLIENT_CLIP_TOLERANCE:  # a site that did not clip: never released unclipped
+            return None
+        keys = float_keys(base)
+        std = compute_stdv(z, c, self.sites)
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(repr((self.seed, server_round, "central-dp")).encode()).digest()[:8], "little"))
+        state = dict(base)
+        for k in keys:
+            mean = sum(u[k].float() - base[k].float() for u in updates) / self.sites
+            noise = torch.from_numpy(rng.normal(0.0, std, size=tuple(base[k].shape)).astype(np.float32))
+            state[k] = (base[k].float() + mean + noise).to(base[k].dtype)
+        self.accountant.compose(GaussianPrivacyEvent(noise_multiplier=z, sample_size=self.sites,
+                                                     population_size=self.accountant.config.population_size))
+        spent = self.accountant.get_privacy_spent()
+        return Release(state, {"central_dp_epsilon": spent.epsilon, "central_dp_delta": spent.delta,
+                               "central_dp_noise_std": std, "central_dp_clipped_sites": sum(n > c for n in norms)})
+
+    def state_dict(self) -> dict | None:
+        return self.accountant.state_dict() if self.accountant is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Accountant history of a resumed run (applied when the accountant is built)."""
+        self._restored = state
