@@ -15,15 +15,16 @@ and a federation that samples a different number of sites refuses to start.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update, compute_stdv, get_norm
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update, compute_stdv
 
 from fedus.config import CentralDPConfig, ConfigError
+from fedus.site import derived_seed
+from server.validation import update_norm as validated_norm
 
 __all__ = ["KEY_CLIPPING_NORM", "CentralDP", "CentralDPError", "clip_update"]
 
@@ -47,7 +48,9 @@ def clip_update(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor], cli
 
 
 def update_norm(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
-    return get_norm([(new[k].float() - base[k].float()).numpy() for k in float_keys(base)])
+    """The same norm the server's update validation uses (float tensors, float64)."""
+    return validated_norm({k: v.detach().cpu().numpy() for k, v in new.items()},
+                          {k: v.detach().cpu().numpy() for k, v in base.items()})
 
 
 @dataclass
@@ -100,7 +103,7 @@ class CentralDP:
             return None
         keys = float_keys(base)
         std = compute_stdv(z, c, self.sites)
-        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(repr((self.seed, server_round, "central-dp")).encode()).digest()[:8], "little"))
+        rng = np.random.default_rng(derived_seed(self.seed, server_round, "central-dp"))
         state = dict(base)
         for k in keys:
             mean = sum(u[k].float() - base[k].float() for u in updates) / self.sites
