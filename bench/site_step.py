@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import RandomImages, machine, write_result  # noqa: E402
 from fedus.config import StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
 from fedus.distill import site_step  # noqa: E402
+from fedus.distill.site_step import fused_available  # noqa: E402
 from fedus.models import create_student, create_teacher  # noqa: E402
 
 PRESETS = {
@@ -92,6 +92,7 @@ def main() -> None:
         "benchmark": "site_step", "machine": machine(), "device": str(device), "preset": preset,
         "settings": {k: v for k, v in p.items() if k not in ("teachers", "students")} | {
             "loss": "token-mse", "mixup": True, "optimizer": "AdamW lr 1e-4 wd 0.05", "blocks": 2,
+            "fused_adamw": fused_available(device),  # train.fused-optimizer (default on where torch has it)
             "data": "random tensors in [0,1] (throughput only)", "weights": "random init (throughput only)"},
         "results": rows, "reference": REFERENCE,
     }

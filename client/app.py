@@ -17,15 +17,16 @@ from flwr.clientapp import ClientApp
 
 from client.replies import build_reply, site_facts
 from fedus.config import RunConfig
-from fedus.coreset import SiteScores, histogram
+from fedus.coreset import SiteScores, histogram, suppress_small_bins
 from fedus.privacy import PrivacyLedger
 from fedus.site import Site, get_site
-from fedus.transfer import TRANSFER_KEY, decode, encode, nbytes
-from server.central_dp import KEY_CLIPPING_NORM, clip_update
+from fedus.transfer import INT8_DELTA, TRANSFER_KEY, decode, encode, encode_delta, nbytes
+from server.central_dp import KEY_BELOW_CLIP, KEY_CLIPPING_NORM, clip_and_flag
 from server.strategy import KEEP_KEY, THRESHOLD_KEY
 
 app = ClientApp()
 CORESET_STATE = "coreset-scores"  # this node's scores between re-scorings (context.state: never sent)
+RESIDUAL_STATE = "transfer-residual"  # int8-delta's quantisation error, carried to the next round (never sent)
 
 
 def site_for(context: Context) -> Site:
@@ -73,12 +74,28 @@ def train(msg: Message, context: Context) -> Message:
     state, metrics = site.train(sent, int(config["server-round"]), rounds, ledger, budget, subset=subset)
     expected = {k: v.shape for k, v in sent.items()}
     if state is not None and KEY_CLIPPING_NORM in config:  # central DP, client side: the update is clipped here
-        state = clip_update(state, sent, float(config[KEY_CLIPPING_NORM]))
-    state = encode(state, dtype) if state is not None else None
-    metrics = metrics | {"bytes_sent": nbytes(state) if state is not None else 0}
+        state, below = clip_and_flag(state, sent, float(config[KEY_CLIPPING_NORM]))
+        if site.cfg.central_dp.mode == "client-adaptive":  # the one bit the server's adaptive norm needs
+            metrics = metrics | {KEY_BELOW_CLIP: int(below)}
+    scales = None
+    if state is not None and dtype == INT8_DELTA:
+        state, scales = upload_delta(state, sent, context)
+    elif state is not None:
+        state = encode(state, dtype)
+    metrics = metrics | {"bytes_sent": nbytes(state) + nbytes(scales or {}) if state is not None else 0}
     if subset is not None:
         metrics |= {"coreset_kept": len(subset), "coreset_threshold": float(config[THRESHOLD_KEY])}
-    return build_reply(msg, metrics, site_facts(site.name, site.describe()), state, expected)
+    return build_reply(msg, metrics, site_facts(site.name, site.describe()), state, expected, scales=scales)
+
+
+def upload_delta(new: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],
+                 context: Context) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """int8-delta with error feedback (fedus.transfer): the residual stays in this node's context.state;
+    a node without one (fresh process, first round here) starts from zero."""
+    stored = context.state.get(RESIDUAL_STATE)
+    payload, scales, residual = encode_delta(new, sent, stored.to_torch_state_dict() if stored else None)
+    context.state[RESIDUAL_STATE] = ArrayRecord(residual)
+    return payload, scales
 
 
 def store_scores(context: Context, scores: SiteScores) -> None:
@@ -103,11 +120,14 @@ def coreset_subset(site: Site, context: Context, config: ConfigRecord, sent: dic
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Coreset scoring with the global student sent: the scores stay here, the histogram goes back."""
+    """Coreset scoring with the global student sent: the scores stay here, the histogram goes back,
+    small bins merged first (`coreset.min-bin-count`)."""
     site, config, _, sent = received(msg, context)
     scores = site.coreset_scores(sent, int(config["server-round"]))
     store_scores(context, scores)
-    return build_reply(msg, {}, {}, histogram=histogram(scores.scores, site.cfg.coreset.bins))
+    c = site.cfg.coreset
+    return build_reply(msg, {}, {}, histogram=suppress_small_bins(histogram(scores.scores, c.bins), c.min_bin_count),
+                       min_bin_count=c.min_bin_count)
 
 
 @app.evaluate()
@@ -115,5 +135,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = site_for(context)
     state = decode(msg.content["arrays"].to_torch_state_dict(), str(msg.content["config"].get(TRANSFER_KEY, "fp32")))
     scores = site.evaluate(state, int(msg.content["config"]["server-round"]))
-    common = {k: scores.pop(k) for k in ("cos", "mse", "num-examples")}
+    common = {k: scores.pop(k) for k in ("cos", "mse", "num-examples", "eval_seconds")}
     return build_reply(msg, common, site_facts(site.name, site.describe()), site_scores=scores)

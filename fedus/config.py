@@ -42,15 +42,26 @@ class DataConfig(_Section):
         "ultrasound", description="training augmentation (train.augment = true): ultrasound-aware or ImageNet-style")
 
 
+RANDOM_INIT_SOURCE = "random init (no weights given); not a foundation model"
+
+
 class TeacherConfig(_Section):
     arch: str = "vit_tiny_patch16_224"
     weights: str = Field("", description="local .safetensors/.pth file; empty = random init")
     source: str = Field(
-        "random init (no weights given); not a foundation model",
+        RANDOM_INIT_SOURCE,
         description="where the weights came from; printed on every report",
     )
     blocks: str = Field("2", description="'N' = last N blocks, or '4,8,12' = block indices")
     combine: Literal["mean", "concat"] = "mean"
+
+    @model_validator(mode="after")
+    def _source_matches_weights(self) -> "TeacherConfig":
+        """A weights file with the random-init label (e.g. `--set teacher.weights=...` without a source)
+        would put a false provenance on every report: label it as the user's file instead."""
+        if self.weights and self.source == RANDOM_INIT_SOURCE:
+            self.source = f"weights file given by the user: {Path(self.weights).name}"
+        return self
 
 
 class StudentConfig(_Section):
@@ -71,6 +82,8 @@ class TrainConfig(_Section):
     target_views: int = Field(
         0, ge=0, description="K cached teacher targets per image (seeded views, fp16 memmap); 0 = live teacher")
     target_cache_dir: str = Field("", description="site-local folder of the target cache (empty = $FEDUS_CACHE/targets)")
+    fused_optimizer: bool = Field(
+        True, description="fused AdamW (one kernel per step) where torch has it for the device and dtype; else the default")
 
 
 class MaskedConsistencyConfig(_Section):
@@ -116,13 +129,30 @@ class FederationConfig(_Section):
     min_sites: int = Field(1, ge=1, description="sites that must be connected before the first round")
     quorum: int = Field(0, ge=0, description="replies a later round needs to be aggregated (0 = min-sites)")
     round_timeout: float = Field(3600.0, gt=0, description="seconds a round waits for replies; late ones are dropped")
+    straggler_wait: float = Field(
+        0.0, ge=0, description="seconds a round still waits once a quorum answered (0 = until round-timeout)")
     robust: Literal["none", "trimmed-mean", "median"] = Field(
         "none", description="aggregation: example-weighted FedAvg, or Flower's coordinate-wise trimmed mean / median")
     trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fraction cut at each end by robust = trimmed-mean")
     max_norm_ratio: float = Field(
         10.0, ge=0, description="reject an update whose norm exceeds this x the round's median (>= 3 sites; 0 = off)")
-    transfer_dtype: Literal["fp16", "bf16", "fp32"] = Field(
-        "fp16", description="students on the wire, both ways (cast back to fp32 on arrival; aggregate in fp32)")
+    transfer_dtype: Literal["fp16", "bf16", "fp32", "int8-delta"] = Field(
+        "fp16", description="students on the wire, both ways (cast back to fp32 on arrival; aggregate in fp32); "
+        "int8-delta: fp16 down, int8 update + scales up, with error feedback at the site (fedus/transfer.py)")
+    server_optimizer: Literal["none", "fedadam", "fedyogi", "fedadagrad", "fedavgm"] = Field(
+        "none", description="Flower's server step on the aggregate's update (state checkpointed per round); none = FedAvg")
+    server_lr: float = Field(
+        0.0, ge=0, description="eta (fedavgm: server_learning_rate); 0 = Flower's default: 0.1, fedyogi 0.01, fedavgm 1.0")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="fedavgm's server_momentum")
+    beta_1: float = Field(0.9, ge=0, lt=1, description="fedadam / fedyogi first-moment decay")
+    beta_2: float = Field(0.99, ge=0, lt=1, description="fedadam / fedyogi second-moment decay")
+    tau: float = Field(1e-3, gt=0, description="fedadam / fedyogi / fedadagrad adaptivity (added to sqrt(v))")
+
+    @model_validator(mode="after")
+    def _momentum_is_fedavgm(self) -> "FederationConfig":
+        if self.server_momentum and self.server_optimizer != "fedavgm":
+            raise ValueError("server-momentum applies to server-optimizer = 'fedavgm' (fedadam / fedyogi use beta-1)")
+        return self
 
 
 class PrivacyConfig(_Section):
@@ -146,15 +176,46 @@ class PrivacyConfig(_Section):
 
 
 class CentralDPConfig(_Section):
-    """Client-level DP on the aggregate (server/central_dp.py): each site's update clipped to a fixed norm
+    """Client-level DP on the aggregate (server/central_dp.py): each site's update clipped to a norm
     (at the server, or at the site before it leaves), the uniform mean noised, epsilon from Flower's RDP
-    accountant. Protects each site's whole contribution; sample-level DP-SGD is `privacy`."""
+    accountant. Protects each site's whole contribution; sample-level DP-SGD is `privacy`. The norm is
+    fixed, or (`*-adaptive`, Andrew et al. 2021) moved each round towards a quantile of the sites' norms."""
 
-    mode: Literal["off", "server-fixed", "client-fixed"] = "off"
-    clipping_norm: float = Field(1.0, gt=0, description="L2 bound of one site's float update")
-    noise_multiplier: float = Field(1.0, gt=0, description="noise std = noise-multiplier x clipping-norm / sampled-sites")
+    mode: Literal["off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive"] = "off"
+    clipping_norm: float = Field(1.0, gt=0, description="fixed modes: L2 bound of one site's float update")
+    noise_multiplier: float = Field(
+        1.0, gt=0, description="noise std = noise-multiplier x clipping-norm / sampled-sites; adaptive modes: the "
+        "total multiplier of update and clipped count together (the update gets more, Andrew et al. Thm 1)")
     sampled_sites: int = Field(0, ge=0, description="sites per round the noise is calibrated for (0 = federation.min-sites)")
     delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
+    initial_clipping_norm: float = Field(0.1, gt=0, description="adaptive modes: the clipping norm of round 1")
+    target_quantile: float = Field(
+        0.5, ge=0, le=1, description="adaptive modes: fraction of sites whose update norm should be within the norm")
+    clip_norm_lr: float = Field(0.2, gt=0, description="adaptive modes: geometric step of the norm per round")
+    clipped_count_stddev: float = Field(
+        0.0, ge=0, description="adaptive modes: noise std on the count of unclipped sites (0 = sampled-sites / 20)")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.mode in ("server-adaptive", "client-adaptive")
+
+    def count_stddev(self, sites: int) -> float:
+        return self.clipped_count_stddev or sites / 20  # Andrew et al.'s (and Flower's) default
+
+    def update_noise_multiplier(self, sites: int) -> float:
+        """The multiplier of the update's noise. Adaptive modes also release a noised count, so the update
+        gets z_u = (z^-2 - (2 sigma_b)^-2)^-1/2: both together are one Gaussian mechanism of multiplier z
+        (Andrew et al. 2021, Thm 1), which is what the accountant is told."""
+        z = self.noise_multiplier
+        if not self.adaptive:
+            return z
+        sigma_b = self.count_stddev(sites)
+        if z >= 2 * sigma_b:
+            default = "" if self.clipped_count_stddev else f", the default {sites} sites / 20"
+            raise ValueError(
+                f"central-dp.noise-multiplier ({z:g}) must be below 2 x clipped-count-stddev ({sigma_b:g}{default}): "
+                "the clipped count would spend the whole budget; set a larger central-dp.clipped-count-stddev")
+        return (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
 
 
 class CoresetConfig(_Section):
@@ -172,6 +233,8 @@ class CoresetConfig(_Section):
     duplicate_ratio: float = Field(
         0.1, ge=0.0, description="nearest neighbour closer than this x the site's median = a duplicate (0 = off)")
     bins: int = Field(32, ge=2, le=64, description="fixed histogram bins over [0, 1]: what a site sends")
+    min_bin_count: int = Field(
+        5, ge=0, description="small-cell suppression: bins of 1..k-1 images are merged before sending (0 = off)")
 
     @model_validator(mode="after")
     def _some_weight(self) -> "CoresetConfig":
@@ -230,6 +293,11 @@ class RunConfig(_Section):
             raise ValueError("coreset.enabled does not combine with privacy.enabled (scoring is not DP-accounted)")
         if self.central_dp.mode != "off" and self.federation.robust != "none":
             raise ValueError("central-dp needs the uniform mean: set federation.robust = 'none'")
+        if self.central_dp.mode != "off" and self.federation.transfer_dtype == "int8-delta":
+            # error feedback carries clipped-away rounding into later rounds: a sent update could exceed C
+            raise ValueError("central-dp needs each update within its clipping norm, which int8-delta's error "
+                             "feedback does not keep: set federation.transfer-dtype = 'fp16'")
+        self.central_dp.update_noise_multiplier(self.central_dp.sampled_sites or self.federation.min_sites)
         return self
 
     # --- construction -------------------------------------------------------

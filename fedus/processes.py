@@ -125,9 +125,27 @@ def wait_healthy(proc: subprocess.Popen, port: int, log_path: Path, timeout: flo
 ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 
 
-def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, rounds: int, timeout: float) -> None:
-    """Run `flwr run --stream`, logging everything and advancing a progress bar per `[ROUND n/N]`."""
+def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, rounds: int, timeout: float,
+               run_dir: Path | None = None) -> None:
+    """Run `flwr run --stream`, logging everything and advancing a progress bar per `[ROUND n/N]`;
+    with `run_dir`, one line per finished round from the run record (sites, loss, epsilon)."""
     began = time.monotonic()
+    told = set()
+
+    def tell(bar) -> None:
+        if run_dir is None:
+            return
+        from fedus.runs import round_line  # torch-heavy: only when a run record is read
+
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            return
+        for entry in summary.get("rounds", []):
+            if entry["round"] not in told and "eval" in entry and (line := round_line(summary, entry["round"])):
+                told.add(entry["round"])
+                bar.note(line)
+
     with open(log_path, "w") as log, progress_bar(f"federated rounds ({rounds})", total=rounds) as bar:
         proc = subprocess.Popen(cmd, env=env, cwd=APP_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
@@ -140,10 +158,12 @@ def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, rounds: int,
                 if m and int(m.group(1)) - 1 > done:
                     bar.advance(int(m.group(1)) - 1 - done)
                     done = int(m.group(1)) - 1
+                    tell(bar)
                 if time.monotonic() - began > timeout:
                     raise FlowerProcessError(f"run exceeded {timeout:.0f}s")
             proc.wait()
             bar.advance(rounds - done)
+            tell(bar)
         finally:
             kill_group(proc)
     if proc.returncode != 0:

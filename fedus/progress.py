@@ -20,6 +20,13 @@ class _Bar:
         if self._progress is not None:
             self._progress.update(self._task, **fields)
 
+    def note(self, text: str) -> None:
+        """A line above the bar (or on stderr when there is no terminal)."""
+        if self._progress is not None:
+            self._progress.console.print(text, highlight=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
 
 @contextmanager
 def progress_bar(description: str, total: int | None):

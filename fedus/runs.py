@@ -54,6 +54,37 @@ def describe_data(cfg: RunConfig) -> str:
     return f"manifest {d.manifest} (sites = '{d.site_column}' column)"
 
 
+def round_line(summary: dict[str, Any], server_round: int) -> str | None:
+    """The operator's one line for a finished round: who answered, training loss, held-out cosine
+    to the teacher, privacy spent. None while the round is not in the record."""
+    entry = next((e for e in summary.get("rounds", []) if e["round"] == server_round), None)
+    if entry is None:
+        return None
+    agg = entry.get("aggregate", {})
+    parts = [f"round {server_round}:"]
+
+    def mean(kind: str, key: str) -> float | None:
+        values = [float(m[key]) for m in entry.get(kind, {}).values() if key in m]
+        return sum(values) / len(values) if values else None
+
+    for kind, verb in (("train", "trained"), ("eval", "evaluated")):
+        if f"{kind}_sites_replied" in agg:
+            failed = agg.get(f"{kind}_sites_failed", 0)
+            parts.append(f"{agg[f'{kind}_sites_replied']} sites {verb}" + (f" ({failed} failed)" if failed else "") + ",")
+    if (loss := mean("train", "train_loss_last")) is not None:
+        parts.append(f"train loss {loss:.4g},")
+    if (cos := mean("eval", "cos")) is not None:
+        parts.append(f"held-out cos {cos:.3f},")
+    spent = [float(s["epsilon_total"]) for s in summary.get("privacy", {}).values() if "epsilon_total" in s]
+    if spent:
+        parts.append(f"site epsilon up to {max(spent):.3g},")
+    if "central_dp_epsilon" in agg:
+        parts.append(f"central epsilon {float(agg['central_dp_epsilon']):.3g},")
+    if "quorum_not_met" in agg:
+        parts.append("quorum not met (global student kept),")
+    return " ".join(parts).rstrip(",")
+
+
 SERVER_STATE = "server-state.json"
 
 
@@ -67,6 +98,7 @@ class RunRecorder:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.strategy_state: dict | None = None  # restored by `resume`
+        self.optimizer_state: dict[str, torch.Tensor] | None = None  # restored by `resume`
         self.summary: dict[str, Any] = {
             "fedus_version": __version__, "status": "running", "started": now(), "finished": None,
             "scenario": cfg.scenario, "config": cfg.to_dict(), "provenance": prov, "sites": {}, "rounds": [],
@@ -104,6 +136,11 @@ class RunRecorder:
         if str(last) in history:
             random.setstate(_rng_from_json(history[str(last)]))
         rec.strategy_state = state_file.get("strategy_history", {}).get(str(last))
+        rec.optimizer_state = None
+        if opt_file := state_file.get("optimizer_history", {}).get(str(last)):
+            if not (run_dir / opt_file).is_file():
+                raise ConfigError(f"cannot resume {run_dir}: {opt_file} (server optimiser state of round {last}) is missing")
+            rec.optimizer_state = load_state(run_dir / opt_file)
         rec.flush()
         return rec, last, load_state(run_dir / f"global-round-{last:03d}.safetensors")
 
@@ -152,17 +189,24 @@ class RunRecorder:
         self._round(server_round)["coreset"] = facts
         self.flush()
 
-    def checkpoint(self, server_round: int, state: dict[str, torch.Tensor], strategy_state: dict | None = None) -> Path:
+    def checkpoint(self, server_round: int, state: dict[str, torch.Tensor], strategy_state: dict | None = None,
+                   optimizer_state: dict[str, torch.Tensor] | None = None) -> Path:
         """`strategy_state`: what the server's strategy must carry over a resume (e.g. the central-DP
-        accountant), JSON-serialisable, saved with the round."""
+        accountant), JSON-serialisable, saved with the round. `optimizer_state`: the server optimiser's
+        tensors (FedAdam moments, ...), too large for JSON: a safetensors file beside the checkpoint,
+        written before server-state.json names it, so a crash in between leaves the previous round current."""
         name = f"global-round-{server_round:03d}.safetensors"
         path = save_state(state, self.dir / name, metadata={"round": str(server_round), "fedus": __version__})
         self._round(server_round)["checkpoint"] = name
-        self._save_server_state(server_round, strategy_state)
+        opt_file = None
+        if optimizer_state is not None:
+            opt_file = f"server-optimizer-round-{server_round:03d}.safetensors"
+            save_state(optimizer_state, self.dir / opt_file, metadata={"round": str(server_round), "fedus": __version__})
+        self._save_server_state(server_round, strategy_state, opt_file)
         self.flush()
         return path
 
-    def _save_server_state(self, server_round: int, strategy_state: dict | None = None) -> None:
+    def _save_server_state(self, server_round: int, strategy_state: dict | None = None, optimizer_file: str | None = None) -> None:
         """Round number, the server's RNG state and the strategy's state per checkpoint, written atomically."""
         path = self.dir / SERVER_STATE
         state = json.loads(path.read_text()) if path.is_file() else {}
@@ -170,8 +214,11 @@ class RunRecorder:
         history[str(server_round)] = random.getstate()
         if strategy_state is not None:
             state.setdefault("strategy_history", {})[str(server_round)] = strategy_state
+        if optimizer_file is not None:
+            state.setdefault("optimizer_history", {})[str(server_round)] = optimizer_file
         state.update(round=server_round, strategy="FedAvg" if self.summary["config"]["federation"].get("robust", "none") == "none"
-                     else self.summary["config"]["federation"]["robust"], rng_history=history)
+                     else self.summary["config"]["federation"]["robust"], rng_history=history,
+                     server_optimizer=self.summary["config"]["federation"].get("server-optimizer", "none"))
         tmp = self.dir / f".{SERVER_STATE}.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, path)

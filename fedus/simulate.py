@@ -60,5 +60,5 @@ def simulate(cfg: RunConfig, num_sites: int, run_dir: Path, timeout: float = 360
         federation = f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site:g}"
         cmd = [flower_bin("flwr"), "run", str(APP_ROOT), "fedus-sim", "--stream",
                "--federation-config", federation, "--run-config", str(run_dir / "run-config.toml")]
-        stream_run(cmd, env, run_dir / "flwr-run.log", cfg.rounds, timeout)
+        stream_run(cmd, env, run_dir / "flwr-run.log", cfg.rounds, timeout, run_dir)
     check_completed(run_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
@@ -97,11 +98,13 @@ class Site:
                 "data_card": card_of_rows(pd.concat([d.train_rows, d.test_rows]))}
 
     def coreset_scores(self, state: dict[str, torch.Tensor], server_round: int) -> SiteScores:
-        """Coreset scores of the training images with the global student of `server_round` (fedus.coreset)."""
+        """Coreset scores of the training images with the global student of `server_round` (fedus.coreset),
+        by the run's own loss mix at the round's start on the global clock."""
         t = self.cfg.train
         return score_site(self.student(state), self.teacher, self.data.train.images, self.cfg.coreset, t.lr,
                           t.weight_decay, t.batch_size, derived_seed(self.cfg.seed, "coreset", server_round, self.name),
-                          self.device, t.precision)
+                          self.device, t.precision, self.cfg.distill,
+                          RoundClock(server_round, self.cfg.rounds).progress(0, 1))
 
     def train(self, state: dict[str, torch.Tensor], server_round: int, rounds: int | None = None,
               ledger: PrivacyLedger | None = None, epsilon_budget: float | None = None,
@@ -111,7 +114,11 @@ class Site:
 
         With `privacy.enabled`: DP-SGD, charged to the site's ledger (default: the simulation
         ledger under the run dir) against `epsilon_budget` (default: the run config's). A round
-        that would exceed the budget is refused: no training, state None, `refused` = 1."""
+        that would exceed the budget is refused: no training, state None, `refused` = 1.
+
+        `train_seconds`: all of this call (data decode, teacher/student build, losses, steps), so the
+        server can tell the site's own work from Flower's share of the round (bench/round_overhead.py)."""
+        began = time.perf_counter()
         plan = None
         if self.cfg.privacy.enabled:
             ledger = ledger or PrivacyLedger(simulation_ledger_path(self.cfg, self.name), self.cfg.privacy.accountant)
@@ -136,8 +143,10 @@ class Site:
             targets=cache,
         )
         if plan is not None:
-            return result.state, self.charge(ledger, plan, result.metrics, server_round, budget)
-        return result.state, result.metrics
+            metrics = self.charge(ledger, plan, result.metrics, server_round, budget)
+        else:
+            metrics = result.metrics
+        return result.state, metrics | {"train_seconds": time.perf_counter() - began}
 
     @property
     def delta(self) -> float:
@@ -174,6 +183,7 @@ class Site:
         """Agreement every round; probes at the configured rounds (teacher's at round 0 only); with
         eval.protocol-at = last, the full protocol (teacher / student / random init) in the last round."""
         ecfg = self.cfg.eval
+        began = time.perf_counter()
         student = self.student(state).to(self.device).eval()
         metrics = teacher_agreement(student, self.teacher, self.data, ecfg.batch_size, self.device, self.cfg.train.precision)
         metrics["num-examples"] = len(self.data.test)
@@ -188,6 +198,7 @@ class Site:
             from fedus.evaluation.protocol import evaluate_models, to_metrics
 
             metrics.update(to_metrics(evaluate_models(self.cfg, self, state)["summary"]))
+        metrics["eval_seconds"] = time.perf_counter() - began  # the site's own work (cf. train_seconds)
         return metrics
 
 

@@ -8,6 +8,14 @@ arrival, so local training and the server's aggregate stay fp32. Flower's
 ArrayRecord has no bf16 (numpy has none), so bf16 travels as its int16 bit
 pattern; the receiver knows which tensors to re-view from the dtype it sent in
 `transfer-dtype` (config record) and from its own student's dtypes.
+
+`int8-delta` (opt-in) quarters the upload: the server still sends fp16, a site
+sends back per float tensor the int8 delta to what it received, with an fp32
+scale per output channel (>= 2-D weights) or per tensor (1-D), and keeps the
+rounding error to add to its next delta (error feedback: nothing is lost for
+good, only delayed). Tensors under `MIN_QUANTISED` elements (biases, norm
+parameters and running stats: < 0.3 % of a ResNet's bytes) and integer buffers
+go as they are (fp32 / int). The server rebuilds received + scale * q in fp32.
 """
 
 from __future__ import annotations
@@ -16,9 +24,13 @@ from typing import Literal
 
 import torch
 
-TransferDtype = Literal["fp16", "bf16", "fp32"]
+TransferDtype = Literal["fp16", "bf16", "fp32", "int8-delta"]
 TRANSFER_KEY = "transfer-dtype"  # in the train/evaluate ConfigRecord: what the arrays were sent as
-WIRE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+INT8_DELTA = "int8-delta"
+# server -> site dtype; under int8-delta the download is fp16 (a site needs the weights, not a delta)
+WIRE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, INT8_DELTA: torch.float16}
+SCALES_RECORD = "delta-scales"  # the reply's second ArrayRecord under int8-delta: key -> fp32 scale(s)
+MIN_QUANTISED = 1024  # float tensors with fewer elements go as fp32 values (no scale, no residual)
 
 
 def encode(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
@@ -55,4 +67,77 @@ def nbytes(state: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
-__all__ = ["TRANSFER_KEY", "TransferDtype", "WIRE", "decode", "encode", "nbytes"]
+def quantised(value: torch.Tensor) -> bool:
+    """Whether int8-delta quantises this tensor (float, at least `MIN_QUANTISED` elements)."""
+    return value.is_floating_point() and value.numel() >= MIN_QUANTISED
+
+
+def scale_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    """One scale per output channel (dim 0) of a >= 2-D weight, one per 1-D tensor: rows of a
+    conv / linear weight move by different amounts, and a shared scale would round the quiet ones to 0."""
+    return (shape[0],) if len(shape) >= 2 else ()
+
+
+def _broadcast(scale: torch.Tensor, ndim: int) -> torch.Tensor:
+    return scale.reshape(scale.shape + (1,) * (ndim - scale.ndim))
+
+
+def quantise(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 (-127..127) with absmax scale(s): |delta - scale * q| <= scale / 2 per element."""
+    delta = delta.float()
+    dims = tuple(range(1, delta.ndim)) if delta.ndim >= 2 else tuple(range(delta.ndim))
+    scale = delta.abs().amax(dim=dims) / 127 if dims else delta.abs() / 127
+    safe = _broadcast(torch.where(scale > 0, scale, torch.ones_like(scale)), delta.ndim)
+    q = torch.round(delta / safe).clamp_(-127, 127).to(torch.int8)
+    return q, scale.reshape(scale_shape(delta.shape)).contiguous()
+
+
+def dequantise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * _broadcast(scale.float(), q.ndim)
+
+
+def encode_delta(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+                 residual: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(payload, scales, residual): `payload` has `new`'s keys (int8 for quantised tensors, else as they
+    are), `scales` the quantised keys' fp32 scales, `residual` what rounding left out this time. `base` is
+    the student as the site received it (fp32); `residual` the last round's (a missing or mis-shaped entry
+    counts as zero: a fresh process starts from zero)."""
+    payload, scales, left = {}, {}, {}
+    for key, value in new.items():
+        value = value.detach().cpu()
+        if not quantised(value):
+            payload[key] = (value.float() if value.is_floating_point() else value).contiguous()
+            continue
+        delta = value.float() - base[key].float()
+        carried = (residual or {}).get(key)
+        if carried is not None and carried.shape == delta.shape:
+            delta = delta + carried.float()
+        payload[key], scales[key] = quantise(delta)
+        left[key] = delta - dequantise(payload[key], scales[key])
+    return payload, scales, left
+
+
+def decode_delta(payload: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
+                 base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The site's student in fp32: base + scale * q where a scale came, else the value sent (base's dtype).
+    A malformed reply (a float tensor sent as int8 without its scale, a scale of the wrong shape or for
+    a key that was not quantised) raises ValueError."""
+    if set(scales) - set(payload):
+        raise ValueError("int8-delta scales for tensors that were not sent")
+    out = {}
+    for key, value in payload.items():
+        like = base.get(key)
+        if key in scales:
+            if value.dtype != torch.int8 or like is None or tuple(scales[key].shape) != scale_shape(value.shape):
+                raise ValueError(f"int8-delta tensor '{key}' does not match its scale")
+            out[key] = like.float() + dequantise(value, scales[key])
+        elif like is not None and like.is_floating_point() and not value.is_floating_point():
+            raise ValueError(f"int8-delta tensor '{key}' came without its scale")
+        else:
+            out[key] = value.to(like.dtype) if like is not None and value.is_floating_point() else value
+    return out
+
+
+__all__ = ["INT8_DELTA", "MIN_QUANTISED", "SCALES_RECORD", "TRANSFER_KEY", "TransferDtype", "WIRE", "decode",
+           "decode_delta", "dequantise", "encode", "encode_delta", "nbytes", "quantise", "quantised", "scale_shape"]

@@ -8,6 +8,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedus.config import ConfigError, RunConfig
 from fedus.runs import RunRecorder, default_run_dir, describe_data, provenance
 from fedus.site import initial_student
+from server.quorum import QuorumGrid
 from server.strategy import FedusFedAvg
 
 app = ServerApp()
@@ -29,6 +30,7 @@ def main(grid: Grid, context: Context) -> None:
         arrays = ArrayRecord(student.state_dict())
 
     fed = cfg.federation
+    grid = QuorumGrid(grid, fed.quorum or fed.min_sites, fed.straggler_wait)
     strategy = FedusFedAvg(
         cfg, recorder, round_offset=done,
         fraction_train=fed.fraction_train, fraction_evaluate=1.0,

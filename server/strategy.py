@@ -2,6 +2,8 @@
 
 Aggregation itself is Flower's: this subclass only records each site's reply
 (per-site metrics, failures) and checkpoints the global student every round.
+With `federation.server-optimizer`, Flower's FedAdam / FedYogi / FedAdagrad /
+FedAvgM step on that aggregate (server/optimizer.py), their state checkpointed too.
 With coreset selection on, it also runs a query round before training every R
 rounds (sites send score histograms) and puts the threshold and each site's keep
 count in that site's train config.
@@ -9,6 +11,7 @@ count in that site's train config.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from logging import WARNING
 
@@ -21,8 +24,9 @@ from fedus.config import RunConfig
 from fedus.coreset import plan_budget
 from fedus.privacy.accounting import REFUSALS
 from fedus.runs import RunRecorder
-from fedus.transfer import TRANSFER_KEY, decode, encode, nbytes
-from server.central_dp import CentralDP
+from fedus.transfer import INT8_DELTA, SCALES_RECORD, TRANSFER_KEY, decode, decode_delta, encode, nbytes
+from server.central_dp import KEY_BELOW_CLIP, CentralDP
+from server.optimizer import ServerOptimizer
 from server.validation import validate_updates
 
 SITE_RECORD = "site"
@@ -63,11 +67,16 @@ class FedusFedAvg(FedAvg):
         self.asked = {"train": 0, "eval": 0}  # sites asked this round: one that never answers is a failure too
         self.quorum = cfg.federation.quorum or cfg.federation.min_sites
         self.bytes_down = 0  # server -> sites, this round's train messages
+        self.began: dict[str, float] = {}  # when each phase was configured: round wall times for the record
         self.coreset: tuple[float, dict[int, int]] | None = None  # last threshold, keep count per node id
         self.central_dp = (CentralDP(cfg.central_dp, cfg.federation.min_sites, cfg.seed)
                            if cfg.central_dp.mode != "off" else None)
         if self.central_dp is not None:
             self.central_dp.load_state_dict(recorder.strategy_state.get("central_dp") if recorder.strategy_state else None)
+        # Flower's FedAdam & co., stepping on whichever aggregate this strategy made (server/optimizer.py)
+        self.server_opt = ServerOptimizer(cfg.federation) if cfg.federation.server_optimizer != "none" else None
+        if self.server_opt is not None and recorder.optimizer_state is not None:
+            self.server_opt.load_state_dict(recorder.optimizer_state)
 
     def on_the_wire(self, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
         """The global student as sent (`federation.transfer-dtype`), and a copy of the config saying so."""
@@ -75,14 +84,32 @@ class FedusFedAvg(FedAvg):
         return ArrayRecord(encode(arrays.to_torch_state_dict(), dtype)), ConfigRecord(dict(config) | {TRANSFER_KEY: dtype})
 
     def arrived(self, replies: list[Message]) -> None:
-        """Replies' students back to fp32 in place, so validation and the aggregate are fp32."""
+        """Replies' students back to fp32 in place, so validation and the aggregate are fp32. Under
+        int8-delta each is rebuilt as received + scale * q on the student as the sites received it; one
+        that cannot be (scales missing or malformed) loses its arrays, so validation rejects it
+        (no-arrays) rather than aggregating int8 codes as weights."""
+        dtype = self.cfg.federation.transfer_dtype
         like = self.sent.to_torch_state_dict() if self.sent is not None else None
+        base = self.received() if dtype == INT8_DELTA and self.sent is not None else None
         for m in replies:
-            if not m.has_error() and "arrays" in m.content:
-                m.content["arrays"] = ArrayRecord(decode(m.content["arrays"].to_torch_state_dict(),
-                                                         self.cfg.federation.transfer_dtype, like))
+            if m.has_error() or "arrays" not in m.content:
+                continue
+            arrays = m.content["arrays"].to_torch_state_dict()
+            if dtype != INT8_DELTA:
+                m.content["arrays"] = ArrayRecord(decode(arrays, dtype, like))
+                continue
+            try:
+                if base is None or SCALES_RECORD not in m.content:
+                    raise ValueError("no scales, or no global student to add the delta to")
+                scales = m.content[SCALES_RECORD].to_torch_state_dict()
+                m.content["arrays"] = ArrayRecord(decode_delta(arrays, scales, base))
+                del m.content[SCALES_RECORD]  # validation expects the one ArrayRecord
+            except ValueError as err:
+                log(WARNING, "node %s: int8-delta update not rebuilt (%s)", m.metadata.src_node_id, err)
+                del m.content["arrays"]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.began["train"] = time.monotonic()
         if server_round > 1 or self.offset:  # all min-sites started the run; later rounds go on at quorum
             self.min_available_nodes = self.min_train_nodes = self.min_evaluate_nodes = self.quorum
         self.sent = arrays  # updates are validated against what was sent
@@ -138,6 +165,7 @@ class FedusFedAvg(FedAvg):
         return plan.threshold, {r.metadata.src_node_id: k for r, k in zip(replies, plan.keep)}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.began["eval"] = time.monotonic()
         messages = list(super().configure_evaluate(server_round + self.offset, *self.on_the_wire(arrays, config), grid))
         self.asked["eval"] = len(messages)
         return messages
@@ -187,6 +215,8 @@ class FedusFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
+        # sent -> every reply in, as the server saw it (0 = not configured here: left out of the record)
+        train_wall = time.monotonic() - self.began["train"] if "train" in self.began else 0
         # a fixed order (by site name) makes the floating-point sum independent of arrival order
         replies = sorted(replies, key=site_name)
         self.arrived(replies)
@@ -194,7 +224,7 @@ class FedusFedAvg(FedAvg):
         self._per_site(server_round, "train", replies, notes)
         counts = {"train_sites_refused": sum("refusal" in n for n in notes.values()),
                   "train_sites_rejected": sum("rejected" in n for n in notes.values()),
-                  "bytes_down": self.bytes_down, "bytes_up": sum(
+                  "train_wall_s": round(train_wall, 3), "bytes_down": self.bytes_down, "bytes_up": sum(
                       int(next(iter(m.content.metric_records.values())).get("bytes_sent", 0))
                       for m in replies if not m.has_error())}
         self.recorder.record_counts(server_round, counts)
@@ -215,25 +245,39 @@ class FedusFedAvg(FedAvg):
             arrays = ArrayRecord({k: v.to(like[k].dtype) if k in like else v
                                   for k, v in arrays.to_torch_state_dict().items()})
         if arrays is not None:
+            if self.server_opt is not None:  # the update is relative to the model the sites received
+                arrays = ArrayRecord(self.server_opt.step(server_round, self.received(), arrays.to_torch_state_dict()))
             extra = {"central_dp": self.central_dp.state_dict()} if self.central_dp is not None else None
-            self.recorder.checkpoint(server_round, arrays.to_torch_state_dict(), extra)
+            self.recorder.checkpoint(server_round, arrays.to_torch_state_dict(), extra,
+                                     self.server_opt.state_dict() if self.server_opt is not None else None)
         return arrays, metrics
+
+    def received(self) -> dict:
+        """The global student as the sites received it (through the wire dtype and back)."""
+        dtype = self.cfg.federation.transfer_dtype
+        return decode(encode(self.sent.to_torch_state_dict(), dtype), dtype, self.sent.to_torch_state_dict())
 
     def release(self, server_round: int, usable: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Central DP: the noised uniform mean of clipped updates, relative to the model the sites received."""
         dtype = self.cfg.federation.transfer_dtype
         base = decode(encode(self.sent.to_torch_state_dict(), dtype), dtype, self.sent.to_torch_state_dict())
-        out = self.central_dp.release(server_round, base, [m.content["arrays"].to_torch_state_dict() for m in usable])
+        below = [next(iter(m.content.metric_records.values()), {}).get(KEY_BELOW_CLIP) for m in usable]
+        out = self.central_dp.release(server_round, base, [m.content["arrays"].to_torch_state_dict() for m in usable], below)
         if out is None:
             log(WARNING, "round %s: central DP not released (%s usable updates, noise calibrated for %s, or an "
-                "unclipped update)", server_round, len(usable), self.central_dp.sites)
+                "unclipped update / a missing clipping bit)", server_round, len(usable), self.central_dp.sites)
             self.recorder.record_counts(server_round, {"central_dp_not_released": 1})
             return None, None
         self.recorder.record_counts(server_round, out.facts)
         return ArrayRecord(out.state), mean_of_common_metrics([m.content for m in usable], self.weighted_by_key)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        now = time.monotonic()
         replies = self._per_site(server_round + self.offset, "eval", replies)
+        walls = {"eval_wall_s": round(now - self.began["eval"], 3) if "eval" in self.began else 0}
+        if server_round > 0 and "train" in self.began:  # configure_train -> every eval reply in (with aggregation)
+            walls["round_wall_s"] = round(now - self.began["train"], 3)
+        self.recorder.record_counts(server_round + self.offset, walls)
         return super().aggregate_evaluate(server_round, replies)
 
     def evaluate_initial(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:

@@ -56,3 +56,32 @@ def task_identity():
 
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
     yield
+
+
+@pytest.fixture
+def fedus_cli(monkeypatch, capsys):
+    """`fedus ARGS...` in this process, through the CLI's own entry point (errors -> exit 2, one line):
+    returns (exit code, stdout, stderr). For user-mistake checks that would otherwise pay a process start
+    (imports) each; commands that start Flower still run as real subprocesses in their tests."""
+    import signal
+    import sys
+
+    from fedus.cli import main
+
+    def run(*args, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(sys, "argv", ["fedus", *map(str, args)])
+        handler = signal.getsignal(signal.SIGTERM)  # main() installs its own
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

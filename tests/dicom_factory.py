@@ -99,6 +99,22 @@ def jpeg_baseline_ybr422(rgb: np.ndarray, **tags) -> Dataset:
     return ds
 
 
+def native_ybr422(y: np.ndarray, cb: np.ndarray, cr: np.ndarray, **tags) -> Dataset:
+    """Uncompressed YBR_FULL_422 (PS3.3 C.7.6.3.1.2): each pixel pair stored as Y1 Y2 Cb Cr.
+
+    `y` is [rows, cols] (cols even); `cb`, `cr` are [rows, cols // 2], one per pixel pair. The bytes
+    are laid out here by hand rather than by pydicom's encoder, so the test checks the layout.
+    """
+    rows, cols = y.shape
+    packed = np.empty((rows, cols // 2, 4), np.uint8)
+    packed[..., 0], packed[..., 1], packed[..., 2], packed[..., 3] = y[:, 0::2], y[:, 1::2], cb, cr
+    ds = us_dataset(np.repeat(y[..., None], 3, axis=2), "RGB", **tags)  # sets SamplesPerPixel 3, 8 bits
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PlanarConfiguration = 0
+    ds.PixelData = packed.tobytes()  # 2 bytes per pixel, not 3
+    return ds
+
+
 def ultrasound_region(ds: Dataset, x0: int, y0: int, x1: int, y1: int, delta_cm: float = 0.02) -> Dataset:
     region = Dataset()
     region.RegionSpatialFormat, region.RegionDataType, region.RegionFlags = 1, 1, 0

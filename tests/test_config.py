@@ -43,3 +43,12 @@ def test_scenarios_load(monkeypatch, tmp_path):
         load_scenario("public-corpus-by-center")
     with pytest.raises(ConfigError, match="unknown scenario"):
         load_scenario("nope")
+
+
+def test_a_teacher_weights_file_is_never_labelled_random_init():
+    """`--set teacher.weights=...` (e.g. on `fedus server`) must not leave the random-init provenance."""
+    cfg = RunConfig().with_overrides(['teacher.weights="/site/models/dinov3.safetensors"'])
+    assert cfg.teacher.source == "weights file given by the user: dinov3.safetensors"
+    assert "random init" in RunConfig().teacher.source
+    stated = RunConfig().with_overrides(['teacher.weights="/m/t.safetensors"', 'teacher.source="fitted here on the corpus"'])
+    assert stated.teacher.source == "fitted here on the corpus"

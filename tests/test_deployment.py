@@ -33,19 +33,23 @@ def fedus(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*FEDUS, *map(str, args)], env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     with open(log, "wb") as f:
-        return subprocess.Popen([*FEDUS, *map(str, args)], env=_env(), stdout=f, stderr=subprocess.STDOUT,
+        return subprocess.Popen([*FEDUS, *map(str, args)], env=env or _env(), stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(*procs: subprocess.Popen) -> None:
+    """SIGTERM all at once (each unwinds its own Flower processes), then SIGKILL what is left after 20 s."""
     import signal
 
-    if proc.poll() is None:
+    running = [p for p in procs if p.poll() is None]
+    for proc in running:
         proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for proc in running:
         try:
-            proc.wait(20)
+            proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -68,11 +72,12 @@ def _site_manifests(synthetic_manifest: Path, out: Path) -> dict[str, Path]:
 
 
 @pytest.fixture
-def pki(tmp_path):
+def pki(tmp_path, fedus_cli):
+    """What `fedus certs init` and `fedus site keygen` make (run in-process: no Flower involved)."""
     certs, keys = tmp_path / "certs", tmp_path / "keys"
-    assert fedus("certs", "init", "--out", certs).returncode == 0
+    assert fedus_cli("certs", "init", "--out", certs)[0] == 0
     for site in SITES:
-        assert fedus("site", "keygen", site, "--out", keys / site).returncode == 0
+        assert fedus_cli("site", "keygen", site, "--out", keys / site)[0] == 0
     return certs, keys
 
 
@@ -106,22 +111,39 @@ def _no_leftovers(*homes: Path) -> None:
     assert not [pid for h in homes for pid in flower_home_pids(h)]
 
 
-def _kill_site(state: Path, proc: subprocess.Popen) -> None:
-    """A site crashes: its `fedus client start` and its SuperNode (own process group) die at once."""
+def _round_entry(summary_file: Path, server_round: int) -> dict:
+    """The run record's entry for a round ({} while absent or while the file is being replaced)."""
+    try:
+        rounds = json.loads(summary_file.read_text())["rounds"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return next((r for r in rounds if r["round"] == server_round), {})
+
+
+def _crash(state: Path, pid_file: str, proc: subprocess.Popen) -> None:
+    """A machine dies: the `fedus` process and the Flower process it started (its pid in `pid_file`,
+    own process group), all at once (SIGKILL), then whatever ran under their FLWR_HOME."""
     import signal
 
-    for pid in (int((state / "supernode.pid").read_text()), proc.pid):
+    from fedus.processes import kill_flower_home
+
+    for pid in (int((state / pid_file).read_text()), proc.pid):
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
-    from fedus.processes import kill_flower_home
-
     kill_flower_home((state / "flwr-home").resolve())
 
 
+def _kill_site(state: Path, proc: subprocess.Popen) -> None:
+    """A site crashes: its `fedus client start` and its SuperNode die at once."""
+    _crash(state, "supernode.pid", proc)
+
+
 def test_tls_deployment_with_site_auth_survives_a_site_killed_in_round_2(tmp_path, pki, synthetic_manifest):
+    """Three sites over TLS with site keys; one crashes in round 2 (the round closes at quorum) and is
+    started again: it rejoins in round 3 with the current global student."""
     certs, keys = pki
     registered = tmp_path / "registered"
     registered.mkdir()
@@ -129,30 +151,39 @@ def test_tls_deployment_with_site_auth_survives_a_site_killed_in_round_2(tmp_pat
         (registered / f"{site}.pub").write_bytes((keys / site / f"{site}.pub").read_bytes())
     manifests = _site_manifests(synthetic_manifest, tmp_path)
     port, state = free_port(), tmp_path / "server"
-    args = _server_args(state, port, certs, registered, rounds=2, timeout=60) + ["--set", "federation.quorum=2"]
+    args = _server_args(state, port, certs, registered, rounds=3, timeout=60) + [
+        "--set", "federation.quorum=2", "--set", "federation.straggler-wait=10"]
     server = _spawn(args, tmp_path / "server.log")
     sites = {s: _spawn(_site_args(s, manifests[s], port, tmp_path / s, certs, keys / s / s), tmp_path / f"{s}.log")
              for s in SITES}
     try:
         run_log = state / "run" / "flwr-run.log"
         deadline = time.monotonic() + 400
-        while not (run_log.is_file() and "[ROUND 2/2]" in run_log.read_text(errors="replace")):
+        while not (run_log.is_file() and "[ROUND 2/3]" in run_log.read_text(errors="replace")):
             assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.3)
         _kill_site(tmp_path / "hospital-c", sites["hospital-c"])  # in the middle of round 2
+        while "train" not in _round_entry(state / "run" / "summary.json", 2):  # round 2 closed without it...
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.3)
+        c = "hospital-c"  # ...and then the hospital restarts it
+        sites[c] = _spawn(_site_args(c, manifests[c], port, tmp_path / c, certs, keys / c / c), tmp_path / f"{c}-again.log")
         code = _wait(server, 400)
         assert code == 0, (tmp_path / "server.log").read_text()[-3000:]
     finally:
-        for p in [server, *sites.values()]:
-            _stop(p)
+        _stop(server, *sites.values())
     summary = json.loads((state / "run" / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert sorted(summary["sites"]) == SITES
     rounds = {r["round"]: r for r in summary["rounds"]}
-    assert sorted(rounds) == [0, 1, 2]
+    assert sorted(rounds) == [0, 1, 2, 3]
     assert sorted(rounds[1]["train"]) == SITES
     assert sorted(rounds[2]["train"]) == ["hospital-a", "hospital-b"]  # aggregated at quorum
     assert rounds[2]["aggregate"]["train_sites_failed"] == 1 and "checkpoint" in rounds[2]
+    assert sorted(rounds[3]["train"]) == SITES and not rounds[3]["aggregate"].get("train_sites_rejected")  # rejoined
+    # the log says why: Flower's missed-heartbeat error reply, or the round closed at quorum + straggler wait
+    log = run_log.read_text(errors="replace")
+    assert "Node Unavailable" in log or "1 of 3 sites had not answered after" in log
     report = (state / "run" / "report" / "rounds.csv").read_text()
     assert "train_sites_failed" in report
     assert "random init" in summary["provenance"]["teacher"]["source"]
@@ -170,7 +201,7 @@ def test_unregistered_key_and_plaintext_site_are_refused(tmp_path, pki, syntheti
     try:
         time.sleep(3)
         stranger = fedus(*_site_args("hospital-b", manifests["hospital-b"], port, tmp_path / "b", certs,
-                                     keys / "hospital-b" / "hospital-b"), "--max-wait", 30, timeout=180)
+                                     keys / "hospital-b" / "hospital-b"), "--max-wait", 12, timeout=180)
         assert stranger.returncode == 2, stranger.stderr
         assert "not registered" in stranger.stderr and "Traceback" not in stranger.stderr
         plain = fedus(*_site_args("hospital-a", manifests["hospital-a"], port, tmp_path / "a", None, None),
@@ -182,12 +213,13 @@ def test_unregistered_key_and_plaintext_site_are_refused(tmp_path, pki, syntheti
     _no_leftovers(state / "flwr-home", tmp_path / "a" / "flwr-home", tmp_path / "b" / "flwr-home")
 
 
-def test_server_without_certs_or_insecure_refuses_to_start(tmp_path):
-    proc = fedus("server", "--state", tmp_path / "s", "--port", free_port())
-    assert proc.returncode == 2
-    assert "fedus certs init" in proc.stderr and "Traceback" not in proc.stderr
-    proc = fedus("server", "--state", tmp_path / "s", "--port", free_port(), "--certs", tmp_path / "nothing")
-    assert proc.returncode == 2 and "certificates missing" in proc.stderr
+def test_server_without_certs_or_insecure_refuses_to_start(tmp_path, fedus_cli):
+    code, _, stderr = fedus_cli("server", "--state", tmp_path / "s", "--port", free_port())
+    assert code == 2
+    assert "fedus certs init" in stderr and "Traceback" not in stderr
+    code, _, stderr = fedus_cli("server", "--state", tmp_path / "s", "--port", free_port(), "--certs", tmp_path / "nothing")
+    assert code == 2 and "certificates missing" in stderr
+    assert not (tmp_path / "s" / "superlink.pid").exists()  # refused before starting anything
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -205,3 +237,75 @@ def test_adding_a_fourth_site_touches_no_other_file(tmp_path, pki):
     again = fedus("certs", "init", "--out", certs)
     assert again.returncode == 2 and "never overwrites" in again.stderr
     assert _digest(certs) == {k: v for k, v in before.items() if not k.startswith("keys/")}
+
+
+def _centre_manifests(synthetic_manifest: Path) -> dict[str, Path]:
+    """One manifest per centre, beside the shared one (same near-duplicate file), named as the centre:
+    the deployed sites are then exactly the simulation's sites."""
+    with open(synthetic_manifest) as f:
+        rows = list(csv.DictReader(f))
+    paths = {}
+    for centre in sorted({r["center"] for r in rows}):
+        path = synthetic_manifest.parent / f"{centre}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(r for r in rows if r["center"] == centre)
+        paths[centre] = path
+    return paths
+
+
+def _kill_server(state: Path, proc: subprocess.Popen) -> None:
+    """The server machine dies: `fedus server`, its SuperLink and the ServerApp."""
+    _crash(state, "superlink.pid", proc)
+
+
+def test_a_server_killed_after_round_2_of_4_resumes_and_ends_bit_identical(tmp_path, synthetic_manifest):
+    """`fedus server --resume` after a crash: rounds 3-4 run once each, and the final student equals
+    an uninterrupted run's bit for bit. The uninterrupted run is the same config in Flower's
+    simulation runtime: the same sites, seeds and code, so the same replies."""
+    import torch
+
+    from fedus.config import RunConfig
+    from fedus.models import create_teacher, load_state, save_state
+
+    teacher = create_teacher(RunConfig().with_overrides(TINY).teacher, 32)
+    weights = save_state(teacher.backbone.state_dict(), tmp_path / "teacher.safetensors")
+    common = [item for s in [*TINY, "seed=3", f'teacher.weights="{weights}"'] for item in ("--set", s)]
+    env = dict(_env(), FEDUS_CACHE=str(tmp_path / "cache"), FEDUS_CORPUS=str(tmp_path / "no-corpus"))
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(f'[run]\nseed = 3\n[run.data]\nsource = "manifest"\nmanifest = "{synthetic_manifest}"\n')
+    # runs beside the deployment: that one mostly waits on Flower's message passing
+    whole = _spawn(["simulate", "--scenario", scenario, "--rounds", 4, "--run-dir", tmp_path / "whole", *common],
+                   tmp_path / "whole.log", env)
+
+    port, state = free_port(), tmp_path / "server"
+    server_args = ["server", "--state", state, "--insecure", "--host", "127.0.0.1", "--port", port]
+    server = _spawn([*server_args, "--rounds", 4, "--min-sites", 2, *common], tmp_path / "server.log")
+    sites = {c: _spawn(_site_args(c, m, port, tmp_path / c, None, None), tmp_path / f"{c}.log")
+             for c, m in _centre_manifests(synthetic_manifest).items()}
+    summary_file = state / "run" / "summary.json"
+    try:
+        deadline = time.monotonic() + 500
+        while "eval" not in _round_entry(summary_file, 2):  # kill once round 2 is complete (aggregated, evaluated)
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.2)
+        _kill_server(state, server)
+        assert json.loads(summary_file.read_text())["status"] == "running"  # really cut short
+        first_log = (state / "run" / "flwr-run.log").read_text(errors="replace")
+        # the same command line with --resume; the sites kept running and reconnect on their own
+        again = _spawn([*server_args, "--resume"], tmp_path / "server-resumed.log")
+        assert _wait(again, 500) == 0, (tmp_path / "server-resumed.log").read_text()[-3000:]
+        assert _wait(whole, 300) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    finally:
+        _stop(server, whole, *sites.values(), *([again] if "again" in locals() else []))
+    summary = json.loads(summary_file.read_text())
+    assert summary["status"] == "completed"
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3, 4]  # none lost
+    assert [r["from_round"] for r in summary["resumed"]] == [2]
+    resumed_log = (state / "run" / "flwr-run.log").read_text(errors="replace")
+    assert "[ROUND 2/2]" in resumed_log and "[ROUND 3/" not in resumed_log  # rounds 3-4, each once
+    assert (state / "run" / "flwr-run.interrupted-1.log").read_text(errors="replace") == first_log  # kept
+    a, b = load_state(tmp_path / "whole" / "global-round-004.safetensors"), load_state(state / "run" / "global-round-004.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _no_leftovers(state / "flwr-home", tmp_path / "whole" / "flwr-home", *[tmp_path / c / "flwr-home" for c in sites])

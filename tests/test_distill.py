@@ -43,3 +43,30 @@ def test_site_evaluation_probes_at_round_zero(tiny_cfg):
         assert key in scores
     mid = site.evaluate(initial_student(tiny_cfg).state_dict(), 1)
     assert "cls_acc" not in mid  # probes only at first/last round by default
+
+
+def test_fused_adamw_matches_the_default_one():
+    """train.fused-optimizer: the same parameters after a few steps up to float rounding (rtol 1e-5,
+    atol 1e-6); fused where torch has the kernel (CPU does in torch >= 2.4), the default where it has not."""
+    from fedus.config import TrainConfig
+    from fedus.distill.site_step import adamw, fused_available
+
+    def trained(fused: bool) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                    torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))  # (a bias before BN: grad ~0, noise)
+        opt = adamw(model.parameters(), TrainConfig(lr=1e-2, fused_optimizer=fused))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            loss = model(torch.randn(4, 3, 8, 8, generator=g)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return opt, [p.detach() for p in model.parameters()]
+
+    (fused_opt, fused), (plain_opt, plain) = trained(True), trained(False)
+    assert bool(fused_opt.defaults["fused"]) == fused_available(torch.device("cpu")) and not plain_opt.defaults["fused"]
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    meta = torch.zeros(2, device="meta", requires_grad=True)  # no fused kernel there: the fallback
+    assert not adamw([meta], TrainConfig(fused_optimizer=True)).defaults["fused"]

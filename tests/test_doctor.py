@@ -5,17 +5,14 @@ from __future__ import annotations
 import csv
 import socket
 import ssl
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
 from fedus.deployment.certs import init_certs, site_keygen
 from fedus.deployment.cli import server_config
-from fedus.deployment.doctor import check_key, check_server, check_tls, run_checks
-from fedus.processes import free_port
+from fedus.deployment.doctor import check_key, check_registered, check_server, check_tls, run_checks
+from fedus.processes import flower_home_pids, free_port
 from tests.conftest import TINY
 
 
@@ -82,7 +79,8 @@ def test_data_and_a_real_one_batch_step(tls_server, tmp_path, synthetic_manifest
     key = site_keygen("hospital-a", tmp_path / "keys")["private_key"]
     cfg = server_config(None, TINY, None, None)
     checks = {c.name: c for c in run_checks(cfg, "hospital-a", own, address, ca, key)}
-    assert all(c.ok for c in checks.values()), {n: c.detail for n, c in checks.items() if not c.ok}
+    not_ok = {n: c.detail for n, c in checks.items() if not c.ok}
+    assert list(not_ok) == ["key registered"], not_ok  # a bare TLS endpoint is no SuperLink (real one: below)
     assert "img/s" in checks["one-batch site step"].detail
 
     broken = tmp_path / "broken.csv"
@@ -91,8 +89,33 @@ def test_data_and_a_real_one_batch_step(tls_server, tmp_path, synthetic_manifest
     assert not checks["site data"].ok and not checks["one-batch site step"].ok
 
 
-def test_cli_prints_a_table_and_exits_nonzero_on_failure(tmp_path, synthetic_manifest):
-    proc = subprocess.run([sys.executable, "-m", "fedus", "doctor", "--site", "a", "--data", str(synthetic_manifest),
-                           "--server", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
-    assert "server reachable" in proc.stdout and "FAIL" in proc.stdout and "Traceback" not in proc.stderr
+def test_cli_prints_a_table_and_exits_nonzero_on_failure(tmp_path, synthetic_manifest, fedus_cli):
+    code, out, err = fedus_cli("doctor", "--site", "a", "--data", synthetic_manifest, "--server", f"127.0.0.1:{free_port()}")
+    assert code == 1
+    assert "server reachable" in out and "FAIL" in out and "Traceback" not in err
+
+
+@pytest.mark.flower
+def test_key_registration_is_asked_of_a_real_superlink_without_bringing_the_site_online(tmp_path):
+    """TLS + auth SuperLink, one registered and one unregistered key; the probe leaves the node 'registered'."""
+    import sqlite3
+
+    from fedus.deployment.server import ServerSettings, register_site, superlink
+
+    certs = tmp_path / "certs"
+    init_certs(certs, [])
+    known = site_keygen("hospital-a", tmp_path / "keys")
+    stranger = site_keygen("hospital-b", tmp_path / "keys")
+    settings = ServerSettings(state=tmp_path / "server", certs=certs, port=free_port())
+    address, ca = f"localhost:{settings.port}", certs / "ca.crt"
+    with superlink(settings) as env:
+        register_site(known["public_key"], "hospital-a", env)
+        yes = check_registered(address, ca, known["private_key"])
+        no = check_registered(address, ca, stranger["private_key"])
+        with sqlite3.connect(f"file:{settings.state / 'superlink.db'}?mode=ro", uri=True) as db:
+            statuses = [row[0] for row in db.execute("SELECT status FROM node")]
+    assert yes.ok, yes.detail
+    assert not no.ok and "fedus site register" in no.detail
+    assert statuses == ["registered"]  # never online: cannot be sampled
+    assert not check_registered(address, None, known["private_key"]).ok  # needs TLS
+    assert not flower_home_pids((settings.state / "flwr-home").resolve())

@@ -2,7 +2,6 @@
 
 import json
 import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -107,11 +106,11 @@ def test_cli_export_and_latency_on_a_run_dir(run_dir, tmp_path):
     assert "global-round-002" in result["student"]["weights"] and result["image_size"] == SIZE
 
 
-def test_cli_bad_arch_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "fedus", "bench", "latency", "--teacher", "vit_tiny_patch16_244",
-                           "--student", "resnet10t", "--image-size", "32"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "vit_tiny_patch16_224" in proc.stderr  # the typo, and a suggestion
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def test_cli_bad_arch_is_one_line(fedus_cli):
+    code, _, err = fedus_cli("bench", "latency", "--teacher", "vit_tiny_patch16_244", "--student", "resnet10t",
+                             "--image-size", "32")
+    assert code == 2 and "vit_tiny_patch16_224" in err  # the typo, and a suggestion
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("summary", [None, "{not json", '{"rounds": []}'])

@@ -64,14 +64,15 @@ def test_evaluate_reply_has_common_metrics_and_site_scores(tiny_cfg, task_identi
 
 def test_egress_guard_refuses_images_paths_and_foreign_arrays(task_identity, tmp_path):
     msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type=MessageType.TRAIN)
-    with pytest.raises(EgressViolation):
-        build_reply(msg, {"loss": 1.0}, {"name": "a"}, {"image": torch.zeros(64, 64)}, {"w": torch.Size([3])})
-    with pytest.raises(EgressViolation):
-        build_reply(msg, {"loss": 1.0}, {"name": str(tmp_path)})
-    with pytest.raises(EgressViolation):
+    ok = {"num-examples": 8}  # an allowed metric, so each case is refused for its own reason
+    with pytest.raises(EgressViolation, match="do not match the student"):
+        build_reply(msg, ok, {"name": "a"}, {"image": torch.zeros(64, 64)}, {"w": torch.Size([3])})
+    with pytest.raises(EgressViolation, match="looks like a path"):
+        build_reply(msg, ok, {"name": str(tmp_path)})
+    with pytest.raises(EgressViolation, match="allow-list"):
         build_reply(msg, {"per_image": [0.1, 0.2]}, {"name": "a"})
-    with pytest.raises(EgressViolation):
-        build_reply(msg, {"loss": 1.0}, {"name": "a", "ids": [f"x{i}" for i in range(100)]})
+    with pytest.raises(EgressViolation, match="allow-list|long list"):
+        build_reply(msg, ok, {"name": "a", "ids": [f"x{i}" for i in range(100)]})
 
 
 def _reply(arrays, n, name):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,9 +14,11 @@ import pytest
 from PIL import Image
 
 from dicom_factory import (
-    TEXT_BOX, fan_mask, hot_lut, jpeg_baseline_ybr422, palette, save, sector_frames, ultrasound_region, us_dataset,
+    TEXT_BOX, US_IMAGE, fan_mask, hot_lut, jpeg_baseline_ybr422, native_ybr422, palette, save, sector_frames,
+    ultrasound_region, us_dataset,
 )
 from fedus.intake import FrameSampling, data_card, render_markdown, scan
+from fedus.intake.card import card_of_rows, check_card
 from fedus.intake.readers import SKIP_REASONS
 from fedus.intake.secret import SECRET_FILE
 
@@ -27,7 +27,6 @@ from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, MPEG2MPML, RLELossless  # noqa: E402
 
 REAL_US = ("US1_UNCR.dcm", "US1_J2KR.dcm", "US1_J2KI.dcm", "gdcm-US-ALOKA-16.dcm")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _manifest(result) -> pd.DataFrame:
@@ -189,6 +188,62 @@ def test_every_kth_frame_policy(written_site, tmp_path):
     assert FrameSampling(count=3).indices(2) == [0, 1] and FrameSampling(count=3).indices(9) == [0, 4, 8]
 
 
+def test_native_ybr_full_422_is_its_luma(tmp_path):
+    """Uncompressed YBR_FULL_422 with saturated colour-flow chroma scans to its stored Y plane."""
+    y = sector_frames(1, 48, 64)[0]
+    fan = fan_mask(*y.shape)
+    pair_fan = fan[:, 0::2] | fan[:, 1::2]
+    cb = np.where(pair_fan, np.random.default_rng(3).choice([0, 255], pair_fan.shape), 128).astype(np.uint8)
+    cr = np.where(pair_fan, 255 - cb, 128).astype(np.uint8)  # red/blue flow at full saturation
+    path = save(native_ybr422(y, cb, cr), tmp_path / "site" / "ybr422_native.dcm")
+    # the hand-made Y1 Y2 Cb Cr layout is what pydicom (PS3.3 C.7.6.3.1.2) reads back
+    ybr = pydicom.pixels.pixel_array(path, as_rgb=False)
+    assert np.array_equal(ybr[..., 0], y) and np.array_equal(ybr[..., 2], np.repeat(cr, 2, axis=1))
+    result = scan(path.parent, tmp_path / "out" / "manifest.csv", workers=1)
+    row = _manifest(result).iloc[0]
+    assert (row["photometric"], row["transfer_syntax"], row["region"]) == (
+        "YBR_FULL_422", "1.2.840.10008.1.2.1", "auto")
+    x0, y0, x1, y1 = map(int, row["crop_box"].split(","))
+    out = _image(result, row).astype(int)
+    live = out > 0
+    assert live.sum() >= 0.97 * fan.sum() and out.max() < 255  # fan kept, burned-in text gone
+    # tolerance 0: Y *is* the BT.601 luma and is stored losslessly, so no arithmetic may touch it
+    assert np.array_equal(out[live], y[y0:y1, x0:x1][live])
+    # whereas luma of pydicom's 8-bit RGB clips the saturated flow: that route would be off by tens of levels
+    via_rgb = np.round(pydicom.pixels.pixel_array(path).astype(float) @ [0.299, 0.587, 0.114])
+    assert np.abs(via_rgb - y)[fan].max() > 20
+
+
+def test_jpeg_extended_12bit(tmp_path):
+    """Real JPEG extended (process 2/4, 12-bit) files from pydicom-data, relabelled as ultrasound."""
+    get = pytest.importorskip("pydicom.data").get_testdata_file
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGExtended12Bit
+
+    site = tmp_path / "site"
+    site.mkdir()
+    # JPGExtended.dcm is the repaired copy of JPEG-lossy.dcm, whose codestream has a misplaced marker
+    for name in ("JPGExtended.dcm", "JPEG-lossy.dcm"):
+        ds = pydicom.dcmread(get(name))
+        assert ds.file_meta.TransferSyntaxUID == JPEGExtended12Bit and ds.BitsStored == 12
+        ds.Modality, ds.SOPClassUID = "US", US_IMAGE
+        ds.file_meta.MediaStorageSOPClassUID = US_IMAGE
+        ds.save_as(site / name)  # encapsulated pixel data kept as is
+    result = scan(site, tmp_path / "out" / "manifest.csv", workers=1)
+    if set(get_decoder(JPEGExtended12Bit).available_plugins) <= {"pylibjpeg", "pillow"}:  # GDCM would repair it
+        assert _reasons(result) == {"JPEG-lossy.dcm": "decode-error"}
+    row = _by_source(_manifest(result))["JPGExtended.dcm"].iloc[0]
+    assert (row["transfer_syntax"], row["photometric"], row["rows"], row["cols"]) == (
+        JPEGExtended12Bit, "MONOCHROME2", "1024", "256")
+    ref = pydicom.dcmread(site / "JPGExtended.dcm").pixel_array.astype(float)
+    assert ref.shape == (1024, 256) and 200 < ref.max() < 4096  # pydicom's own decode: genuine 12-bit values
+    out = _image(result, row).astype(int)
+    assert row["region"] == "none" and out.shape == ref.shape
+    # scaled by the declared 12 bits like every DICOM; <= 1 for float32 (scanner) vs float64 (here) rounding
+    assert np.abs(out - np.round(ref * 255 / 4095)).max() <= 1
+    assert out.max() == 16 and 0.3 < (out > 0).mean() < 0.6  # a dim, textured image, not noise or blank
+
+
 def test_scanned_manifest_feeds_dataset_and_grouped_splits(written_site, tmp_path):
     from fedus.data import grouped_split, read_manifest
     from fedus.data.dataset import ManifestDataset
@@ -239,9 +294,61 @@ def test_data_card_reveals_nothing(tmp_path):
     text = (json.dumps(card) + render_markdown(card)).lower()
     leaked = [value for value in planted if value.lower() in text]
     assert not leaked, leaked
-    assert card["files"] == 7 and card["by"]["manufacturer"] == {"Acme Medical": 6, "other": "<5"}
-    assert card["by"]["frames"] == {"2-10": 6, "other": "<5"}
+    # a lone "<5" beside the total 7 would give RareCo's 1 away: the smallest named cell is pooled too
+    assert card["files"] == 7 and card["by"]["manufacturer"] == {"other": 7}
+    assert card["by"]["frames"] == {"other": 7}
     assert card["by"]["image_size"] == {"128x96": 7}
+
+
+def _recoverable(card: dict) -> list[tuple[str, str, int]]:
+    """Subtraction attack: "<k" cells whose count the rest of their dimension and the file total pin down.
+
+    Each dimension sums to `files`; a hidden cell is 1..k-1, so with `h` hidden cells one of them
+    lies in [rest - (h-1)(k-1), rest - (h-1)]; a single feasible value gives it away.
+    """
+    k, total, found = card["k"], card["files"], []
+    if not isinstance(total, int):
+        return found
+    for dim, cells in card["by"].items():
+        hidden = [v for v, n in cells.items() if not isinstance(n, int)]
+        rest = total - sum(n for n in cells.values() if isinstance(n, int))
+        for value in hidden:
+            lo = max(1, rest - (len(hidden) - 1) * (k - 1))
+            hi = min(k - 1, rest - (len(hidden) - 1))
+            if lo == hi:
+                found.append((dim, value, lo))
+    return found
+
+
+def _card_of(manufacturers: dict[str, int]) -> dict:
+    names = [m for m, n in manufacturers.items() for _ in range(n)]
+    return card_of_rows(pd.DataFrame({"source_hash": [f"h{i}" for i in range(len(names))], "manufacturer": names,
+                                      "rows": "64", "cols": "80", "n_frames": "1"}))
+
+
+def test_data_card_resists_subtraction_attack():
+    # the attack is real: with primary suppression only, "other" = 7 - 6 = 1
+    assert _recoverable({"k": 5, "files": 7, "by": {"manufacturer": {"Acme Medical": 6, "other": "<5"}}}) == [
+        ("manufacturer", "other", 1)]
+    cases = [
+        ({"Acme": 6, "RareCo": 1}, {"other": 7}),
+        ({"Acme": 20, "GE": 5, "R1": 2, "R2": 2}, {"Acme": 20, "other": 9}),  # GE pooled with the rare 4
+        ({"B": 5, "A": 5, "C": 1}, {"B": 5, "other": 6}),  # tie: the first name goes
+        ({"A": 10, "r1": 2, "r2": 3}, {"A": 10, "other": 5}),  # rare pool already >= k: nothing more to hide
+        ({"A": 3}, {"other": "<5"}),  # total itself suppressed
+    ]
+    rng = np.random.default_rng(0)
+    for _ in range(30):  # random archives: a few big vendors, a tail of rare ones
+        sizes = rng.choice([1, 2, 4, 5, 6, 30], rng.integers(1, 6))
+        cases.append(({f"v{i}": int(n) for i, n in enumerate(sizes)}, None))
+    for counts, expected in cases:
+        card = check_card(_card_of(counts))
+        assert card["files"] == (sum(counts.values()) if sum(counts.values()) >= 5 else "<5")
+        if expected is not None:
+            assert card["by"]["manufacturer"] == expected, counts
+        assert _recoverable(card) == [], (counts, card["by"])
+        for cells in card["by"].values():  # never a lone "<5" beside a published total
+            assert isinstance(card["files"], str) or all(isinstance(n, int) for n in cells.values())
 
 
 def test_data_card_of_public_corpus_manifest(corpus):
@@ -273,15 +380,14 @@ def test_second_scan_decodes_nothing(tmp_path):
     assert scan(site, out, sampling=FrameSampling(count=2), workers=1).decoded == 39  # new policy: redo
 
 
-def test_cli_nothing_usable_is_one_line_error(tmp_path):
+def test_cli_nothing_usable_is_one_line_error(tmp_path, fedus_cli):
     site = tmp_path / "site"
     site.mkdir()
     (site / "notes.txt").write_text("not an image")
     (site / "scan.dcm").write_bytes(b"garbage")
-    proc = subprocess.run([sys.executable, "-m", "fedus", "data", "scan", str(site), "--out", str(tmp_path / "m.csv")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    code, _, err = fedus_cli("data", "scan", site, "--out", tmp_path / "m.csv")
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no usable ultrasound images" in errors[0]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
     assert (tmp_path / "intake-log.csv").is_file()

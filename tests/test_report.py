@@ -184,7 +184,7 @@ def test_every_section_with_data(evaluated):
     md = evaluated["report_md"].read_text()
     for name in SECTIONS:
         assert f"<h2>{html.escape(name)}</h2>" in page and f"## {name}" in md
-    for name in ("Label-efficiency curves", "Per-round curves", "Embeddings (t-SNE)"):
+    for name in ("Label-efficiency curves", "Per-round curves", "Epsilon per round", "Embeddings (t-SNE)"):
         assert 'src="data:image/png;base64,' in _section_text(page, name)
     assert "not available" not in page
     results = _section_text(page, "Per-site results")
@@ -241,7 +241,7 @@ def test_html_renders_in_headless_chromium(evaluated, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert [h for h, _ in headings] == list(SECTIONS) and all(height > 0 for _, height in headings)
-    assert len(images) == 3 and all(ok for _, ok in images), images
+    assert len(images) == 4 and all(ok for _, ok in images), images  # incl. the epsilon curves
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
 
 
@@ -269,3 +269,67 @@ def test_malformed_evaluation_does_not_break_the_report(tmp_path):
     (tmp_path / "evaluation.json").write_text(json.dumps(bad))
     page = write_report(tmp_path)["report_html"].read_text()
     assert "not available in this run" in _section_text(page, "Label-efficiency curves")
+
+
+def _dp_run(tmp_path, privacy=True, central="server-fixed"):
+    """A run recorded through RunRecorder as the strategy records it: site replies, ledgers, central DP facts.
+
+    site-a's ledger already held some epsilon from an earlier run; site-b refuses round 2 (budget)."""
+    from fedus.config import RunConfig
+    from fedus.runs import RunRecorder
+
+    cfg = RunConfig.from_dict({"scenario": "dp", "privacy": {"enabled": privacy}, "central-dp": {"mode": central}})
+    rec = RunRecorder(tmp_path, cfg, {})
+    rec.record_sites({"site-a": {"n_train": 100}, "site-b": {"n_train": 50}})
+    a = {"epsilon_budget": 8.0, "delta": 1e-3}
+    b = {"epsilon_budget": 2.0, "delta": 2e-3}
+    replies = {1: {"site-a": a | {"epsilon_round": 0.5, "epsilon_total": 0.7},
+                   "site-b": b | {"epsilon_round": 1.0, "epsilon_total": 1.0}},
+               2: {"site-a": a | {"epsilon_round": 0.4, "epsilon_total": 1.1},
+                   "site-b": b | {"refusal": "budget exhausted", "epsilon_total": 1.0}},
+               3: {"site-a": a | {"epsilon_round": 0.3, "epsilon_total": 1.4},
+                   "site-b": b | {"epsilon_round": 0.8, "epsilon_total": 1.8}}}
+    for rnd, per_site in replies.items():
+        rec.record(rnd, "train", {s: {"loss_before": 1.0, "loss_after": 0.5} for s in per_site})
+        if privacy:
+            rec.record_privacy(rnd, per_site)
+        if central != "off":
+            rec.record_counts(rnd, {"central_dp_epsilon": {1: 0.9, 2: 1.5, 3: 2.0}[rnd], "central_dp_delta": 1e-5})
+    rec.finish()
+    return write_report(tmp_path)
+
+
+def test_epsilon_per_round_from_the_recorder(tmp_path):
+    paths = _dp_run(tmp_path)
+    page, md = paths["report_html"].read_text(), paths["report_md"].read_text()
+    section = _section_text(page, "Epsilon per round")
+    assert 'src="data:image/png;base64,' in section and paths["epsilon_png"].read_bytes()[:4] == b"\x89PNG"
+    # cumulative per round: site-a from its ledger's prior 0.2; site-b refused round 2; central from the accountant
+    for row in (("1", "0.700", "1.000", "0.900"), ("2", "1.100", "refused", "1.500"), ("3", "1.400", "1.800", "2.000")):
+        assert "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" in section
+        assert "| " + " | ".join(row) + " |" in md
+    assert "δ per site: site-a 1.0e-03, site-b 2.0e-03" in section and "δ = 1.0e-05" in section
+    assert "site-a: its ledger held ε = 0.200" in section
+    with paths["rounds_csv"].open(newline="") as f:
+        got = {(r["round"], r["site"], r["metric"]): float(r["value"]) for r in csv.DictReader(f)}
+    assert got[("2", "site-a", "privacy_epsilon_cumulative")] == pytest.approx(1.1)
+    assert got[("3", "site-b", "privacy_epsilon_round")] == 0.8 and got[("3", "site-b", "privacy_delta")] == 2e-3
+    assert ("2", "site-b", "privacy_epsilon_cumulative") not in got
+    assert got[("3", "", "aggregate_central_dp_epsilon")] == 2.0
+
+
+def test_epsilon_section_of_a_run_without_dp(tmp_path):
+    from fedus.reports.privacy import NO_DP
+
+    paths = _dp_run(tmp_path, privacy=False, central="off")
+    section = _section_text(paths["report_html"].read_text(), "Epsilon per round")
+    assert html.escape(NO_DP) in section and "<img" not in section and "<table" not in section
+    assert "epsilon_png" not in paths and NO_DP in paths["report_md"].read_text()
+    assert "privacy_epsilon" not in paths["rounds_csv"].read_text()
+
+
+def test_epsilon_section_when_dp_is_on_but_nothing_spent_yet(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {"privacy": {"enabled": True}}, "rounds": [],
+                                                       "privacy": {"s": {"refused_rounds": {"1": "no budget"}}}}))
+    section = _section_text(write_report(tmp_path)["report_html"].read_text(), "Epsilon per round")
+    assert "no epsilon has been recorded yet" in section and "used no differential privacy" not in section

@@ -97,85 +97,19 @@ def test_public_corpus_by_center_four_sites_each_distillation_loss_falls(tmp_pat
     (["simulate", "--scenario", "nope"], "unknown scenario"),
     (["simulate", "--scenario", "synthetic-devices", "--set", "train.lr=-3"], "train.lr"),
     (["report", "/nonexistent-run"], "no summary.json"),
+    (["simulate", "--resume", "/nonexistent-run"], "not a fedus simulation run"),
 ])
-def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
-    proc, _ = _run(args + ["--run-dir", str(tmp_path / "r")] if args[0] == "simulate" else args,
-                   _env(tmp_path, None), timeout=120)
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def test_user_mistakes_are_one_line_errors(tmp_path, args, message, fedus_cli):
+    code, _, stderr = fedus_cli(*(args + ["--run-dir", str(tmp_path / "r")] if args[0] == "simulate" else args),
+                             env=_env(tmp_path, None))
+    assert code == 2
+    assert message in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
 
 
-def test_unreadable_weights_are_one_line_error(tmp_path):
+def test_unreadable_weights_are_one_line_error(tmp_path, fedus_cli):
     junk = tmp_path / "teacher.safetensors"
     junk.write_bytes(os.urandom(256))
-    proc, _ = _run(["simulate", "--scenario", "synthetic-devices", "--teacher-weights", str(junk),
-                    "--run-dir", str(tmp_path / "r")], _env(tmp_path, None), timeout=120)
-    assert proc.returncode == 2 and "cannot load weights" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def _tiny_scenario(tmp_path: Path, manifest: Path) -> tuple[Path, Path]:
-    """A 2-site tiny scenario over the test's synthetic corpus, with a saved random-init teacher."""
-    from fedus.config import RunConfig
-    from fedus.models import create_teacher, save_state
-    from tests.conftest import TINY
-
-    cfg = RunConfig().with_overrides(TINY)
-    weights = save_state(create_teacher(cfg.teacher, cfg.data.image_size).backbone.state_dict(), tmp_path / "teacher.safetensors")
-    lines = ["[run]", "seed = 3", "[run.data]", 'source = "manifest"', f'manifest = "{manifest}"']
-    path = tmp_path / "tiny.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path, weights
-
-
-def _tiny_args(scenario: Path, weights: Path, run_dir: Path) -> list[str]:
-    from tests.conftest import TINY
-
-    args = ["simulate", "--scenario", str(scenario), "--rounds", "4", "--run-dir", str(run_dir), "--teacher-weights", str(weights)]
-    for item in TINY:
-        args += ["--set", item]
-    return args
-
-
-def test_a_killed_server_resumes_and_ends_bit_identical(tmp_path, synthetic_manifest):
-    import signal
-
-    import torch
-
-    from fedus.models.weights import load_state
-    from fedus.processes import kill_flower_home
-
-    scenario, weights = _tiny_scenario(tmp_path, synthetic_manifest)
-    env = _env(tmp_path, None)
-    whole, _ = _run(_tiny_args(scenario, weights, tmp_path / "whole"), env, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen(FEDUS + _tiny_args(scenario, weights, cut), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    try:
-        while time.monotonic() < deadline:  # kill once round 2 is complete (aggregated and evaluated)
-            try:
-                rounds = json.loads((cut / "summary.json").read_text())["rounds"]
-            except (OSError, ValueError, KeyError):
-                rounds = []
-            if any(r["round"] == 2 and "eval" in r for r in rounds):
-                break
-            assert proc.poll() is None, "run ended before it could be interrupted"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kill_flower_home(cut / "flwr-home")
-    assert json.loads((cut / "summary.json").read_text())["status"] == "running"  # really cut short
-
-    again, _ = _run(["simulate", "--resume", str(cut)], env, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    summary = json.loads((cut / "summary.json").read_text())
-    assert summary["status"] == "completed"
-    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3, 4]  # none lost, none twice
-    assert summary["resumed"][0]["from_round"] >= 2
-    a, b = load_state(tmp_path / "whole" / "global-round-004.safetensors"), load_state(cut / "global-round-004.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not _alive_for(cut)
+    code, _, stderr = fedus_cli("simulate", "--scenario", "synthetic-devices", "--teacher-weights", junk,
+                             "--run-dir", tmp_path / "r", env=_env(tmp_path, None))
+    assert code == 2 and "cannot load weights" in stderr and "Traceback" not in stderr

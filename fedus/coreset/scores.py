@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from fedus.config import CoresetConfig
+from fedus.config import CoresetConfig, DistillConfig
 from fedus.coreset.feature import feature_rank, teacher_embeddings
 from fedus.coreset.quality import warmup_grad_stats
 from fedus.models import Student, Teacher
@@ -44,6 +44,39 @@ def histogram(scores: np.ndarray, bins: int) -> list[int]:
     """Counts of scores in `bins` equal bins over [0, 1] (the last bin includes 1)."""
     counts, _ = np.histogram(np.clip(scores, 0.0, 1.0), bins=bins, range=(0.0, 1.0))
     return [int(c) for c in counts]
+
+
+def suppress_small_bins(counts: list[int], k: int) -> list[int]:
+    """Coarsen a histogram before it leaves the site: no non-empty bin holds 1..k-1 images (a bin
+    that small can single out rare images; the data card suppresses counts under 5 likewise).
+
+    Edges stay fixed (the server sums histograms) and the total exact. From the top bin down, a
+    small bin's images join the next bins below until the merged count reaches k, and sit at
+    that lowest bin; a leftover under k at the bottom joins the lowest group, at its own bin.
+    Why downwards: every image is then reported at or below its true bin, so the server never
+    counts more images above a score than there are. Its threshold is never above the exact
+    histograms' one (a site falling back to the threshold is not starved), and (up to the
+    within-bin interpolation) no site's keep count rests on scores it does not have. Merging
+    upwards would drag whole bins into a rare top bin, where small budgets put the threshold.
+    Fewer than k images in all go to bin 0, which says nothing about their scores. k <= 1: off."""
+    counts = [int(c) for c in counts]
+    total = sum(counts)
+    if k <= 1 or not any(0 < c < k for c in counts):
+        return counts
+    out = [0] * len(counts)
+    if total < k:
+        out[0] = total
+        return out
+    carry, lowest = 0, 0
+    for j in range(len(counts) - 1, -1, -1):
+        carry += counts[j]
+        lowest = j if counts[j] else lowest
+        if carry >= k:
+            out[j], carry = carry, 0
+    if carry:  # the bottom leftover and the lowest group merge, at the leftover's lowest bin
+        group = next(j for j, c in enumerate(out) if c)
+        out[lowest], out[group] = out[group] + carry, 0
+    return out
 
 
 def select(scores: np.ndarray, clusters: np.ndarray, keep: int, quota: float = 0.5,
@@ -95,11 +128,12 @@ class SiteScores:
 
 def score_site(student: Student, teacher: Teacher, raw: torch.Tensor, cfg: CoresetConfig, lr: float,
                weight_decay: float, batch_size: int, seed: int, device: torch.device,
-               precision: str = "auto") -> SiteScores:
-    """Both ranks of a site's training images (uint8 [N,H,W]) with the current global student."""
+               precision: str = "auto", distill: DistillConfig | None = None, progress: float = 0.0) -> SiteScores:
+    """Both ranks of a site's training images (uint8 [N,H,W]) with the current global student;
+    the quality rank with the run's loss mix `distill` at the run's `progress`."""
     start = time.perf_counter()
     ranks = feature_rank(teacher_embeddings(teacher, raw, batch_size, device), cfg.clusters, seed, cfg.duplicate_ratio)
     mean, var = warmup_grad_stats(student, teacher, raw, cfg.warmup_steps, lr, weight_decay, batch_size, seed,
-                                  device, precision)
+                                  device, precision, distill, progress)
     scores = fuse(ranks.distance, ranks.redundant, mean, var, cfg.feature_weight, cfg.quality_weight)
     return SiteScores(scores, ranks.clusters, ranks.redundant, time.perf_counter() - start)

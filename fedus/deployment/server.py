@@ -97,7 +97,10 @@ def submit_run(cfg: RunConfig, env: dict[str, str], run_dir: Path, timeout: floa
     cfg = cfg.model_copy(update={"run_dir": str(run_dir.resolve())})
     (run_dir / "run-config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
     cmd = [flower_bin("flwr"), "run", str(APP_ROOT), FEDERATION, "--stream", "--run-config", str(run_dir / "run-config.toml")]
-    stream_run(cmd, env, run_dir / "flwr-run.log", cfg.rounds, timeout)
+    log = run_dir / "flwr-run.log"
+    if cfg.resume and log.is_file():  # the interrupted run's log is evidence: keep it
+        log.rename(run_dir / f"flwr-run.interrupted-{len(list(run_dir.glob('flwr-run.interrupted-*.log'))) + 1}.log")
+    stream_run(cmd, env, log, cfg.rounds, timeout, run_dir)
     check_completed(run_dir)
 
 

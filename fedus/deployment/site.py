@@ -8,8 +8,10 @@ decided in client/replies.py, not here.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,21 +92,34 @@ def run_site(s: SiteSettings) -> int:
     log = s.state / "supernode.log"
     began, delay = time.monotonic(), 2.0
     stopping = False
+    running: list = []  # the SuperNode now running (a signal may come before the first starts)
+    timers: list[threading.Timer] = []
 
-    def stop(signum, frame):  # forward Ctrl-C / SIGTERM to the whole SuperNode process group
+    def stop(signum, frame):
+        """Forward Ctrl-C / SIGTERM to the SuperNode's process group and return at once: waiting for it
+        here, inside the main thread's own `proc.wait()`, deadlocks on Popen's wait lock."""
         nonlocal stopping
         stopping = True
-        kill_group(proc)
+        for p in running:
+            _signal_group(p.pid, signal.SIGTERM)
+            timers.append(threading.Timer(10.0, _signal_group, (p.pid, signal.SIGKILL)))  # if it does not unwind
+            timers[-1].daemon = True
+            timers[-1].start()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             offset = log.stat().st_size if log.is_file() else 0
             proc = start(command(s, free_port()), flower_env(home), log)
+            running[:] = [proc]
             (s.state / "supernode.pid").write_text(str(proc.pid))
             try:
+                if stopping:
+                    kill_group(proc)
                 code = proc.wait()
             finally:
+                for t in timers:
+                    t.cancel()
                 kill_group(proc)
                 kill_flower_home(home)
             if stopping or code == 0:
@@ -118,6 +133,15 @@ def run_site(s: SiteSettings) -> int:
             print(f"{message}; retrying in {delay:.0f}s", file=sys.stderr, flush=True)
             time.sleep(delay)
             delay = min(delay * 2, 60.0)
+            if stopping:
+                return 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass

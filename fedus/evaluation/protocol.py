@@ -10,7 +10,9 @@ once per encoder; only heads train. Result rows are long format
 
 from __future__ import annotations
 
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -101,17 +103,30 @@ def _sub_seed(seed: int, fraction: float, rep: int) -> int:
     return (seed * 1_000_003 + int(round(fraction * 1000)) * 101 + rep) % (2**31 - 1)
 
 
+@contextmanager
+def _timed(timings: dict[str, float] | None, part: str):
+    began = time.perf_counter()
+    yield
+    if timings is not None:
+        timings[part] = timings.get(part, 0.0) + time.perf_counter() - began
+
+
 def run_protocol(fn: StageFn, data: SiteData, groups: np.ndarray, ecfg: EvalConfig, seed: int,
-                 device: torch.device) -> list[dict]:
-    """Rows {task, metric, fraction, seed, value} for one encoder on one site."""
-    train = extract(fn, data.train, ecfg.batch_size, device)
-    test = extract(fn, data.test, ecfg.batch_size, device)
+                 device: torch.device, timings: dict[str, float] | None = None) -> list[dict]:
+    """Rows {task, metric, fraction, seed, value} for one encoder on one site.
+
+    `timings`: seconds per part are added to it ("extract", "knn", "cls:<fraction>", "seg:<fraction>"),
+    so bench/eval_cost.py times this very code rather than a copy of it."""
+    with _timed(timings, "extract"):
+        train = extract(fn, data.train, ecfg.batch_size, device)
+        test = extract(fn, data.test, ecfg.batch_size, device)  # ends in .cpu(): synchronised
     rows: list[dict] = []
     add = lambda task, scores, frac, rep: rows.extend(  # noqa: E731
         {"task": task, "metric": k, "fraction": frac, "seed": rep, "value": v} for k, v in scores.items())
     lab_tr, lab_te = np.flatnonzero(train.labels >= 0), np.flatnonzero(test.labels >= 0)
     if len(lab_tr) and len(lab_te):
-        acc = knn_accuracy(train.pooled[lab_tr], train.labels[lab_tr], test.pooled[lab_te], test.labels[lab_te], ecfg.knn_k)
+        with _timed(timings, "knn"):
+            acc = knn_accuracy(train.pooled[lab_tr], train.labels[lab_tr], test.pooled[lab_te], test.labels[lab_te], ecfg.knn_k)
         if acc is not None:
             add("knn", {"acc": acc}, 1.0, 0)
     seg = len(train.mask_idx) > 0 and len(test.mask_idx) > 0
@@ -119,12 +134,15 @@ def run_protocol(fn: StageFn, data: SiteData, groups: np.ndarray, ecfg: EvalConf
         for rep in range(ecfg.seeds):
             s = _sub_seed(seed, frac, rep)
             if len(lab_tr) and len(lab_te):
-                sub = lab_tr[label_fraction_subset(train.labels[lab_tr], groups[lab_tr], frac, s)]
-                add("cls", linear_head(train.pooled[sub], train.labels[sub], test.pooled[lab_te], test.labels[lab_te], s), frac, rep)
+                with _timed(timings, f"cls:{frac:g}"):
+                    sub = lab_tr[label_fraction_subset(train.labels[lab_tr], groups[lab_tr], frac, s)]
+                    add("cls", linear_head(train.pooled[sub], train.labels[sub], test.pooled[lab_te], test.labels[lab_te], s),
+                        frac, rep)
             if seg:
-                sub = label_fraction_subset(train.labels[train.mask_idx], groups[train.mask_idx], frac, s)
-                add("seg", decoder_probe([m[sub] for m in train.stages], train.masks[sub], test.stages, test.masks,
-                                         ecfg.decoder_width, ecfg.decoder_steps, seed=s), frac, rep)
+                with _timed(timings, f"seg:{frac:g}"):
+                    sub = label_fraction_subset(train.labels[train.mask_idx], groups[train.mask_idx], frac, s)
+                    add("seg", decoder_probe([m[sub] for m in train.stages], train.masks[sub], test.stages, test.masks,
+                                             ecfg.decoder_width, ecfg.decoder_steps, seed=s), frac, rep)
     return rows
 
 

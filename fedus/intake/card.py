@@ -6,6 +6,12 @@ paths, UIDs, dates, patient data or institution names, because none of those
 columns are ever read. Small cells are suppressed: a value seen in fewer than
 k files is not named at all but pooled into "other", and any count under k is
 shown as "<k", so a rare device cannot single out a patient or a site.
+
+Every dimension sums to the published file total, so a lone "<k" cell could be
+recovered by subtraction. Complementary suppression closes that: when the pooled
+rare values alone are under k, the smallest named value is pooled with them too,
+so "other" is itself >= k and neither part can be derived. A dimension therefore
+never holds a "<k" cell unless the total is "<k" as well.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ def _suppressed(values: list[str], k: int) -> dict[str, int | str]:
     counts = Counter(v or UNKNOWN for v in values)
     shown = {v: n for v, n in counts.most_common() if n >= k and v != OTHER}
     rare = sum(n for v, n in counts.items() if v not in shown)
+    if 0 < rare < k and shown:  # "other" = total - named cells: pool the next-smallest cell too
+        rare += shown.pop(min(shown, key=lambda v: (shown[v], v)))
     out: dict[str, int | str] = dict(shown)
     if rare:
         out[OTHER] = _count(rare, k)

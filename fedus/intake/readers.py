@@ -24,7 +24,7 @@ from fedus.intake.pixels import UnsupportedPhotometric, gray_frame
 from fedus.intake.region import Region, detect_region, dicom_region, pixel_spacing_mm
 from fedus.intake.secret import pseudonym
 
-INTAKE_VERSION = "1"  # bump when outputs change, so caches of older scans are redone
+INTAKE_VERSION = "2"  # bump when outputs change, so caches of older scans are redone (2: YCbCr -> Y plane)
 FRAMES_DIR = "frames"
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from fedus.reports.sections import (CARD_HEAD, NOT_AVAILABLE, PROTOCOL_HEAD, card_rows, embedding_png,
                                     evaluation_from_summary, label_efficiency_png, protocol_csv_rows, protocol_rows,
                                     read_evaluation)
+from fedus.reports.privacy import EpsilonRecord, epsilon_csv_rows, epsilon_png, epsilon_record, epsilon_table, epsilon_text
 from matplotlib.ticker import MaxNLocator
 
 __all__ = ["write_report", "PROBE_METRICS", "SECTIONS"]
@@ -281,7 +282,7 @@ OVERVIEW_HEAD = ["site", "n_train", "n_test", "cosine to teacher: round 0 → fi
                  "train loss: first (before) → last (after)"]
 PROBE_HEAD = ["site", "probe metric", "teacher", "random-init student (round 0)", "distilled student",
               "gap to teacher (student − teacher)", "student beats random init"]
-SECTIONS = ("Provenance", "Per-site results", "Label-efficiency curves", "Per-round curves",
+SECTIONS = ("Provenance", "Per-site results", "Label-efficiency curves", "Per-round curves", "Epsilon per round",
             "Privacy and update validation", "Data cards", "Embeddings (t-SNE)", "How to read this")
 _NO_EVAL = f"{NOT_AVAILABLE} (run `fedus evaluate RUN_DIR`, then `fedus report RUN_DIR`)"
 HOW_TO_READ = (
@@ -306,7 +307,8 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _markdown(summary: dict, rows: list[dict], evaluation: dict | None, png_names: dict[str, str | None]) -> str:
+def _markdown(summary: dict, rows: list[dict], evaluation: dict | None, png_names: dict[str, str | None],
+              eps: EpsilonRecord) -> str:
     infos = summary.get("sites") or {}
     table = lambda head, body: _md_table(head, body) if body else f"*{NOT_AVAILABLE}*"  # noqa: E731
     img = lambda key, alt: f"![{alt}]({png_names[key]})" if png_names.get(key) else f"*{_NO_EVAL}*"  # noqa: E731
@@ -321,6 +323,9 @@ def _markdown(summary: dict, rows: list[dict], evaluation: dict | None, png_name
               _md_table(PROTOCOL_HEAD, protocol_rows(evaluation)) if protocol_rows(evaluation) else f"*{_NO_EVAL}*", "",
               "## Label-efficiency curves", "", img("label_efficiency_png", "label-efficiency curves"), "",
               "## Per-round curves", "", img("per_round_png", "per-round curves"), "",
+              "## Epsilon per round", "", *[f"{_md_cell(t)}\n" for t in epsilon_text(eps)],
+              *([img("epsilon_png", "cumulative epsilon per round"), "", _md_table(*epsilon_table(eps)), ""]
+                if eps.spent else []),
               "## Privacy and update validation", "", table(PRIVACY_HEAD, _privacy_rows(summary)), "",
               "## Data cards", "", table(CARD_HEAD, card_rows(summary)), "",
               "## Embeddings (t-SNE)", "", img("embedding_png", "t-SNE of held-out embeddings"), "",
@@ -363,7 +368,8 @@ _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 
         ".na{color:#666;font-style:italic}pre{font-size:80%;white-space:pre-wrap}")
 
 
-def _html(summary: dict, rows: list[dict], evaluation: dict | None, pngs: dict[str, bytes | None]) -> str:
+def _html(summary: dict, rows: list[dict], evaluation: dict | None, pngs: dict[str, bytes | None],
+          eps: EpsilonRecord) -> str:
     e = html.escape
     title = f"fedus run report — {summary.get('scenario') or 'unnamed scenario'}"
     warn = "".join(f'<div class="warn">⚠ {e(w)}</div>' for w in _warnings(summary))
@@ -395,6 +401,8 @@ def _html(summary: dict, rows: list[dict], evaluation: dict | None, pngs: dict[s
               + (_html_table(PROTOCOL_HEAD, protocol_rows(evaluation)) if protocol_rows(evaluation) else na(_NO_EVAL)))
         + sec("Label-efficiency curves", img("label_efficiency_png", "label-efficiency curves"))
         + sec("Per-round curves", img("per_round_png", "per-round curves", NOT_AVAILABLE))
+        + sec("Epsilon per round", "".join(f"<p>{e(t)}</p>" for t in epsilon_text(eps))
+              + (img("epsilon_png", "cumulative epsilon per round") + _html_table(*epsilon_table(eps)) if eps.spent else ""))
         + sec("Privacy and update validation", table(PRIVACY_HEAD, _privacy_rows(summary)))
         + sec("Data cards", table(CARD_HEAD, card_rows(summary)))
         + sec("Embeddings (t-SNE)", img("embedding_png", "t-SNE of held-out embeddings"))
@@ -411,7 +419,8 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     run_dir/report/{sites.csv, rounds.csv, protocol.csv, report.md, report.html, *.png}; returns their paths.
 
     Keys: sites_csv, rounds_csv, protocol_csv, report_md, report_html, per_round_png, and
-    label_efficiency_png / embedding_png only when the run has been evaluated offline.
+    label_efficiency_png / embedding_png only when the run has been evaluated offline,
+    epsilon_png only when the run spent epsilon (DP-SGD at sites or central DP).
     """
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
@@ -429,20 +438,22 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     infos = summary.get("sites") or {}
     rows = [_site_row(s, infos.get(s) or {}, rounds) for s in sites]
     _write_csv(paths["sites_csv"], rows, _site_fields())
-    _write_csv(paths["rounds_csv"], _rounds_long(rounds), ["round", "site", "metric", "value"])
+    eps = epsilon_record(summary, rounds)
+    long = sorted(_rounds_long(rounds) + epsilon_csv_rows(eps), key=lambda r: r["round"])  # stable: order within a round kept
+    _write_csv(paths["rounds_csv"], long, ["round", "site", "metric", "value"])
     _write_csv(paths["protocol_csv"], protocol_csv_rows(evaluation),
                ["site", "model", "task", "metric", "fraction", "n", "mean", "std"])
     _plot(paths["per_round_png"], rounds, sites)
     pngs = {"per_round_png": paths["per_round_png"].read_bytes(), "label_efficiency_png": label_efficiency_png(evaluation),
-            "embedding_png": embedding_png(evaluation)}
-    for key in ("label_efficiency_png", "embedding_png"):
+            "embedding_png": embedding_png(evaluation), "epsilon_png": epsilon_png(eps)}
+    for key in ("label_efficiency_png", "embedding_png", "epsilon_png"):
         stale = out / f"{key[:-4]}.png"
         if pngs[key]:
             paths[key] = stale
             stale.write_bytes(pngs[key])
         elif stale.exists():
-            stale.unlink()  # from an earlier evaluation: must not sit beside a report that lacks it
+            stale.unlink()  # from an earlier evaluation/report: must not sit beside a report that lacks it
     names = {k: p.name for k, p in paths.items() if k.endswith("_png")}
-    paths["report_md"].write_text(_markdown(summary, rows, evaluation, names), encoding="utf-8")
-    paths["report_html"].write_text(_html(summary, rows, evaluation, pngs), encoding="utf-8")
+    paths["report_md"].write_text(_markdown(summary, rows, evaluation, names, eps), encoding="utf-8")
+    paths["report_html"].write_text(_html(summary, rows, evaluation, pngs, eps), encoding="utf-8")
     return paths

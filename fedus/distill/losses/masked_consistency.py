@@ -106,6 +106,10 @@ class MaskedConsistencyModules(nn.Module):
 class MaskedConsistency(DistillLoss):
     views = 1
 
+    @property
+    def per_sample(self) -> bool:
+        return self.cfg.masked_consistency.consistency == "token"  # per-sample weights: a softmax over the batch
+
     def aux_modules(self, student: Student, teacher: Teacher, image_size: int) -> nn.Module:
         c = self.cfg.masked_consistency
         t_stages = evenly_spaced(depth_of(teacher.backbone), c.stages)[:-1]  # the last stage is the token grid

@@ -48,6 +48,10 @@ class DistillLoss:
 
     name: str = ""
     views: int = 1
+    # The batch loss is a mean of per-image terms as far as the student's tokens go (no image's term
+    # depends on another's), so B x its gradient w.r.t. one image's tokens is that image's own:
+    # coreset scoring (fedus.coreset.quality) relies on it. Batch-contrastive losses set False.
+    per_sample: bool = True
 
     def __init__(self, cfg: DistillConfig, mixup: bool = True):
         self.cfg = cfg

@@ -78,6 +78,7 @@ def repulsive_terms(s1, s2, t1, t2, scale: torch.Tensor, cfg: RepulsiveKdConfig)
 @register_loss("repulsive-kd")
 class RepulsiveKD(DistillLoss):
     views = 2
+    per_sample = False  # an image's row of P and Q depends on every image in its batch
 
     def __init__(self, cfg, mixup: bool = True):
         super().__init__(cfg, mixup)

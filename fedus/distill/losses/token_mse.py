@@ -39,6 +39,10 @@ class TokenMSE(DistillLoss):
         super().__init__(cfg)
         self.mixup = mixup
 
+    @property
+    def per_sample(self) -> bool:
+        return not self.mixup  # mixup blends each image with another of its batch
+
     def __call__(self, inputs: StepInputs) -> LossOutput:
         images = inputs.views[0]
         if self.mixup and images.shape[0] > 1:

@@ -1,0 +1,315 @@
+"""Round overhead of a real deployment on loopback: Flower/HTTP/process time versus the sites' own work.
+
+One TLS + site-auth SuperLink (fedus.deployment.server.superlink), two
+`fedus client start` processes (real SuperNodes, each site one intra-op thread),
+and one `flwr run` per setting. Per round the run record has, measured at the
+server, `train_wall_s` (train messages sent -> every reply in), `eval_wall_s`
+and `round_wall_s` (train sent -> every eval reply in); each site reports
+`train_seconds` / `eval_seconds` (its whole Site.train / Site.evaluate: data
+decode, teacher and student build, losses, steps) and `seconds` (the step loop
+alone). Overhead = what the phases took beyond the slower site's own work:
+
+    overhead_s = (train_wall - max_site train_seconds) + (eval_wall - max_site eval_seconds)
+
+i.e. Flower's message path (SuperLink, SuperNode, HTTP polling, object
+push/pull), a fresh `flwr-clientapp` process per message (Python + torch
+import), (de)serialisation; the server's aggregation + checkpoint is reported
+apart (round_wall - train_wall - eval_wall). Bytes: the students as sent
+(`bytes_up`/`bytes_down` in the record, payload only) and the SuperLink's own
+Fleet traffic count for the run (objects and messages, eval included).
+
+    python bench/round_overhead.py                   # ~30-40 min on 2 busy cores
+    python bench/round_overhead.py --only tiny       # the fixed overhead alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import _thread
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.machine import machine, write_result  # noqa: E402
+from fedus.deployment.certs import init_certs, site_keygen  # noqa: E402
+from fedus.deployment.cli import server_config  # noqa: E402
+from fedus.deployment.server import ServerSettings, register_site, submit_run, superlink  # noqa: E402
+from fedus.processes import flower_home_pids, free_port, kill_flower_home  # noqa: E402
+
+SITES = ["hospital-a", "hospital-b"]
+IMAGES_PER_SITE = 800  # synthetic, 64 px; ~80/20 grouped split
+COMMON = {"teacher.arch": "vit_tiny_patch16_224", "data.image-size": 64, "eval.probe-rounds": "none",
+          "eval.batch-size": 64, "seed": 0, "federation.round-timeout": 1800}
+STUDENTS = {"resnet50": "ResNet-50 (timm, 25.6 M params with its ImageNet fc; fedus drops the fc, adds a distillation head)",
+            "vit_tiny_patch16_224": "ViT-Ti/16 (timm)"}
+# Realistic: the fedus default batch (32); steps so that one site's step is about a minute on one core here
+# (ResNet-50: 20 steps = 640 images, one epoch of a site's ~640 training images; ViT-tiny is ~3x faster per
+# image, so 48 steps = 1,536 images). Tiny: one step of 8 images on a 40-image site: the fixed cost alone.
+WORK = {
+    "realistic": {"resnet50": {"train.local-steps": 20, "train.batch-size": 32},
+                  "vit_tiny_patch16_224": {"train.local-steps": 48, "train.batch-size": 32}},
+    "tiny": {s: {"train.local-steps": 1, "train.batch-size": 8, "data.max-images-per-site": 40} for s in STUDENTS},
+}
+PLAN = [  # (student, work, wire dtype, rounds): fp32 only where it costs little; its bytes do not depend on work
+    ("resnet50", "tiny", "fp16", 2), ("vit_tiny_patch16_224", "tiny", "fp16", 2),
+    ("resnet50", "realistic", "fp16", 2), ("vit_tiny_patch16_224", "realistic", "fp16", 2),
+    ("resnet50", "tiny", "fp32", 2), ("vit_tiny_patch16_224", "tiny", "fp32", 2),
+]
+
+
+def _sets(student: str, work: str, dtype: str) -> list[str]:
+    values = COMMON | WORK[work][student] | {"student.arch": student, "federation.transfer-dtype": dtype,
+                                            "scenario": f"bench-round-overhead-{student}-{work}-{dtype}"}
+    return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items()]
+
+
+def _site_manifests(root: Path) -> dict[str, Path]:
+    from fedus.data.synthetic import write_synthetic_corpus
+
+    manifest = write_synthetic_corpus(root / "corpus", n_centres=len(SITES), images_per_centre=IMAGES_PER_SITE,
+                                      size=64, seed=0)
+    with open(manifest) as f:
+        rows = list(csv.DictReader(f))
+    centres = sorted({r["center"] for r in rows})
+    out = {}
+    for site, centre in zip(SITES, centres):  # each site's manifest holds only its own rows
+        out[site] = manifest.parent / f"{site}.csv"
+        with open(out[site], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(r for r in rows if r["center"] == centre)
+    return out
+
+
+def _start_site(site: str, data: Path, port: int, root: Path, certs: Path, keys: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core per site: two sites, two cores
+    cmd = [sys.executable, "-m", "fedus", "client", "start", "--site", site, "--data", str(data),
+           "--server", f"localhost:{port}", "--root-cert", str(certs / "ca.crt"), "--key", str(keys / site),
+           "--state", str(root / site)]
+    with open(root / f"{site}.log", "wb") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop_site(proc: subprocess.Popen, state: Path) -> None:
+    """SIGTERM (fedus forwards it to its SuperNode's group), then SIGKILL whatever is left, by PID."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    pid_file = state / "supernode.pid"
+    if pid_file.is_file():
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    kill_flower_home((state / "flwr-home").resolve())
+
+
+class SiteWatch(threading.Thread):
+    """Stops the benchmark (KeyboardInterrupt in the main thread) the moment a site process ends:
+    a run would otherwise wait for it until its timeout."""
+
+    def __init__(self, sites: dict[str, subprocess.Popen]):
+        super().__init__(daemon=True)
+        self.sites, self.done, self.died = sites, threading.Event(), None
+
+    def run(self) -> None:
+        while not self.done.wait(2.0):
+            gone = [s for s, p in self.sites.items() if p.poll() is not None]
+            if gone:
+                self.died = f"site process(es) {gone} ended during the benchmark"
+                _thread.interrupt_main()
+                return
+
+
+def _fleet_traffic(db: Path) -> dict:
+    """The SuperLink's own count for the latest run: bytes it sent to / received from SuperNodes."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        sent, recv, runtime = con.execute(
+            "SELECT bytes_sent, bytes_recv, clientapp_runtime FROM run ORDER BY rowid DESC LIMIT 1").fetchone()
+    return {"bytes_to_sites": sent, "bytes_from_sites": recv, "clientapp_runtime_s": round(runtime, 2)}
+
+
+def _round_rows(summary: dict) -> list[dict]:
+    """One row per round that completed (trained, evaluated, timed)."""
+    rows = []
+    for e in summary["rounds"]:
+        agg, train, ev = e.get("aggregate", {}), e.get("train", {}), e.get("eval", {})
+        if e["round"] < 1 or "round_wall_s" not in agg or not train or not ev:
+            continue
+        work_train = max(m.get("train_seconds", 0.0) for m in train.values())
+        work_eval = max(m.get("eval_seconds", 0.0) for m in ev.values())
+        overhead = (agg["train_wall_s"] - work_train) + (agg["eval_wall_s"] - work_eval)
+        n = len(train)
+        rows.append({
+            "round": e["round"], "round_wall_s": agg["round_wall_s"], "train_wall_s": agg["train_wall_s"],
+            "eval_wall_s": agg["eval_wall_s"],
+            "server_aggregate_checkpoint_s": round(agg["round_wall_s"] - agg["train_wall_s"] - agg["eval_wall_s"], 3),
+            "site_train_seconds": {s: round(m["train_seconds"], 2) for s, m in train.items()},
+            "site_step_seconds": {s: round(m["seconds"], 2) for s, m in train.items()},
+            "site_eval_seconds": {s: round(m["eval_seconds"], 2) for s, m in ev.items()},
+            "overhead_s": round(overhead, 2), "overhead_share": round(overhead / agg["round_wall_s"], 3),
+            "train_phase_overhead_share": round((agg["train_wall_s"] - work_train) / agg["train_wall_s"], 3),
+            "bytes_up_per_site": agg["bytes_up"] // n, "bytes_down_per_site": agg["bytes_down"] // n,
+        })
+    return rows
+
+
+def _superlink_errors(log: Path, offset: int) -> dict[str, int]:
+    """The SuperLink's unexpected errors since `offset` (e.g. its SQLite state 'database is locked')."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").splitlines()
+    out: dict[str, int] = {}
+    for line in lines:
+        if "[UnexpectedError:" in line:
+            key = line.split("[UnexpectedError:", 1)[1].split("]", 1)[1].strip()[:80]
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def run_setting(student: str, work: str, dtype: str, rounds: int, env: dict, state: Path) -> dict:
+    """One `flwr run`; a run that fails still gives the rounds it completed (and their bytes)."""
+    cfg = server_config(None, _sets(student, work, dtype), rounds, len(SITES))
+    run_dir = state / f"{student}-{work}-{dtype}"
+    link_log = state / "superlink.log"
+    offset = link_log.stat().st_size
+    began = time.perf_counter()
+    out = {"student": student, "work": work, "transfer_dtype": dtype, "rounds": rounds,
+           "local_steps": cfg.train.local_steps, "batch_size": cfg.train.batch_size}
+    try:
+        submit_run(cfg, env, run_dir, timeout=600 if work == "tiny" else 1500)
+    except Exception as err:  # the result records a failure too, with the SuperLink's own errors
+        out["error"] = str(err)
+        out["superlink_errors"] = _superlink_errors(link_log, offset)
+    out["run_wall_s"] = round(time.perf_counter() - began, 1)
+    if not (run_dir / "summary.json").is_file():
+        return out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = _round_rows(summary)
+    trained = [e for e in summary["rounds"] if e.get("train") and "bytes_up" in e.get("aggregate", {})]
+    if trained:
+        first = trained[0]
+        out |= {"student_params_sent": summary["provenance"]["student"]["params"],
+                "images_per_site": {s: {"train": f["n_train"], "test": f["n_test"]} for s, f in summary["sites"].items()},
+                "images_per_round_per_site": first["train"][SITES[0]]["examples_seen"],
+                "bytes_up_per_site_per_round": first["aggregate"]["bytes_up"] // len(first["train"]),
+                "bytes_down_per_site_per_round": first["aggregate"]["bytes_down"] // len(first["train"])}
+    if rows:
+        out |= {
+            "rounds_detail": rows,
+            "mean": {k: round(sum(r[k] for r in rows) / len(rows), 3) for k in
+                     ("round_wall_s", "train_wall_s", "eval_wall_s", "overhead_s", "overhead_share",
+                      "train_phase_overhead_share", "server_aggregate_checkpoint_s")},
+            "site_work_mean_s": {k: round(sum(max(r[f"site_{k}_seconds"].values()) for r in rows) / len(rows), 2)
+                                 for k in ("train", "step", "eval")},
+        }
+    if "error" not in out:
+        out["superlink_fleet_traffic_run"] = traffic = _fleet_traffic(state / "superlink.db")
+        local = sum(m.get("train_seconds", 0) for e in summary["rounds"] for m in e.get("train", {}).values()) + sum(
+            m.get("eval_seconds", 0) for e in summary["rounds"] for m in e.get("eval", {}).values())
+        out["clientapp_runtime_minus_site_work_s"] = round(traffic["clientapp_runtime_s"] - local, 2)
+    print(json.dumps({k: out.get(k) for k in ("student", "work", "transfer_dtype", "error", "mean", "site_work_mean_s",
+                                              "bytes_up_per_site_per_round")}), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=sorted(WORK), default=None, help="run only this work setting")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--keep", type=Path, default=None, help="work in this (new) folder and keep its logs")
+    args = ap.parse_args()
+    plan = [p for p in PLAN if args.only in (None, p[1])]
+    load_before = list(os.getloadavg())
+    results: list[dict] = []
+    error = None
+    with tempfile.TemporaryDirectory(prefix="fedus-round-overhead-") as tmp:
+        root = Path(tmp) if args.keep is None else args.keep.resolve()
+        root.mkdir(parents=True, exist_ok=args.keep is None)
+        manifests = _site_manifests(root)
+        certs, keys = root / "certs", root / "keys"
+        init_certs(certs, [])
+        for site in SITES:
+            site_keygen(site, keys)
+        settings = ServerSettings(state=root / "server", certs=certs, port=free_port())
+        sites: dict[str, subprocess.Popen] = {}
+        watch = SiteWatch(sites)
+        try:
+            with superlink(settings) as env:
+                for site in SITES:
+                    register_site(keys / f"{site}.pub", site, env)
+                    sites[site] = _start_site(site, manifests[site], settings.port, root, certs, keys)
+                watch.start()
+                for student, work, dtype, rounds in plan:
+                    results.append(run_setting(student, work, dtype, rounds, env, settings.state.resolve()))
+                    if "exceeded" in results[-1].get("error", ""):  # its ServerApp may still be running: stop here
+                        raise RuntimeError(results[-1]["error"])
+        except (Exception, KeyboardInterrupt) as err:  # the result records how far it got, and why not further
+            error = watch.died or f"{type(err).__name__}: {err}"
+            for site in SITES:
+                log = root / site / "supernode.log"
+                if log.is_file():
+                    error += f"\n--- {site} supernode.log (tail) ---\n" + log.read_text(errors="replace")[-1500:]
+            print(error, file=sys.stderr)
+        finally:
+            watch.done.set()
+            for site, proc in sites.items():
+                _stop_site(proc, root / site)
+        left = [pid for h in [settings.state / "flwr-home", *(root / s / "flwr-home" for s in SITES)]
+                for pid in flower_home_pids(h.resolve())]
+    load_after = list(os.getloadavg())
+
+    def headline(student: str, work: str, dtype: str = "fp16") -> dict | None:
+        r = next((r for r in results if (r["student"], r["work"], r["transfer_dtype"]) == (student, work, dtype)), None)
+        if r is None or "mean" not in r:
+            return None
+        return {"round_wall_s": r["mean"]["round_wall_s"], "site_train_s": r["site_work_mean_s"]["train"],
+                "site_step_s": r["site_work_mean_s"]["step"], "site_eval_s": r["site_work_mean_s"]["eval"],
+                "overhead_s": r["mean"]["overhead_s"], "overhead_share": r["mean"]["overhead_share"],
+                "train_phase_overhead_share": r["mean"]["train_phase_overhead_share"],
+                "bytes_up_per_site_per_round": r["bytes_up_per_site_per_round"], "failed": r.get("error")}
+
+    figures = {f"{s}/{w}": headline(s, w) for s in STUDENTS for w in WORK}
+    for s in STUDENTS:
+        b16, b32 = (next((r.get("bytes_up_per_site_per_round") for r in results
+                          if (r["student"], r["transfer_dtype"]) == (s, d)), None)
+                    for d in ("fp16", "fp32"))
+        if b16 and b32:
+            figures[f"{s}/fp16_over_fp32_bytes"] = round(b16 / b32, 4)
+    result = {
+        "benchmark": "round_overhead", "machine": machine(),
+        "deployment": ("loopback; one flower-superlink (TLS + SuperNode auth, one HTTPS port), two `fedus client start` "
+                       "processes (flower-supernode, subprocess isolation: a fresh flwr-clientapp per message), "
+                       "`flwr run` per setting; sites OMP_NUM_THREADS=1 (two sites on two cores)"),
+        "settings": {"common": COMMON, "work": WORK, "plan": [list(p) for p in PLAN if p in plan], "sites": SITES,
+                     "overhead_definition": "(train_wall - slower site's train_seconds) + (eval_wall - slower site's "
+                                            "eval_seconds); share = overhead / round_wall"},
+        "provenance": {"teacher": "vit_tiny_patch16_224, random init (no weights): cost only, not a foundation model",
+                       "students": STUDENTS | {"init": "random init, seed 0"},
+                       "data": f"fedus synthetic generator, {len(SITES)} centres x {IMAGES_PER_SITE} images, 64 px, "
+                               "grouped 80/20 split, seed 0 (each site its own manifest)"},
+        "figures": figures, "runs": results, "error": error,
+        "load_average_before_after": [load_before, load_after], "processes_left": left,
+        "note": ("other people's jobs were running on this 2-core machine during the run (see load averages): "
+                 "absolute seconds are noisy; the server, SuperLink and both sites also share the two cores, "
+                 "where a real consortium gives each hospital its own machine"),
+    }
+    print(json.dumps(figures, indent=1))
+    write_result(result, "round_overhead", "cpu", args.out)
+
+
+if __name__ == "__main__":
+    main()
