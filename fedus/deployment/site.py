@@ -62,7 +62,11 @@ def command(s: SiteSettings, runtime_port: int) -> list[str]:
     return cmd
 
 
-NOT_REGISTERED = "this site's key is not registered with the server: send NAME.pub to the consortium (`fedus site register`)"
+# Flower says only "Failed to activate SuperNode" for both cases: an unknown key, or a key whose previous
+# SuperNode crashed and is still counted online until its heartbeats time out (2 x 30 s in Flower 1.41).
+NOT_REGISTERED = ("the server refused to activate this site: its key is not registered (send NAME.pub to the "
+                  "consortium: `fedus site register`), or, after a crash, the server still holds the site's previous "
+                  "connection (freed within about a minute); `fedus doctor` tells which")
 
 
 def explain_exit(code: int, log_text: str, log: Path) -> str:
