@@ -259,8 +259,7 @@ class FedusFedAvg(FedAvg):
 
     def release(self, server_round: int, usable: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Central DP: the noised uniform mean of clipped updates, relative to the model the sites received."""
-        dtype = self.cfg.federation.transfer_dtype
-        base = decode(encode(self.sent.to_torch_state_dict(), dtype), dtype, self.sent.to_torch_state_dict())
+        base = self.received()
         below = [next(iter(m.content.metric_records.values()), {}).get(KEY_BELOW_CLIP) for m in usable]
         out = self.central_dp.release(server_round, base, [m.content["arrays"].to_torch_state_dict() for m in usable], below)
         if out is None:
