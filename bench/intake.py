@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from bench.machine import machine  # noqa: E402
 from dicom_factory import jpeg_baseline_ybr422, save, sector_frames, us_dataset  # noqa: E402
 from fedus.intake import FrameSampling, scan  # noqa: E402
-from fedus.intake.scan import default_workers  # noqa: E402
+from fedus.intake.scanner import default_workers  # noqa: E402
 
 MIX = {"explicit-le": 0.35, "rle": 0.2, "jpeg-ls": 0.15, "jpeg2000": 0.15, "jpeg-baseline-ybr422": 0.15}
 TINY_MIX = {"explicit-le": 0.6, "rle": 0.2, "png": 0.2}

@@ -68,7 +68,7 @@ def run_scenario(name: str, overrides: list[str], run_dir: Optional[Path], fit_s
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = resolve_manifest(cfg.data, cfg.seed)
     cfg = cfg.with_overrides({"data.manifest": str(manifest)})
-    sites = list_sites(read_manifest(manifest), cfg.data.site_column)
+    sites = list_sites(read_manifest(manifest), cfg.data.site_column, cfg.data.held_out_sites)
     teacher = create_teacher(cfg.teacher, cfg.data.image_size)  # fails fast on bad arch/weights
     create_student(cfg.student, teacher.dim, teacher.grid, cfg.data.image_size, cfg.seed)
     console.print(f"[bold]{scenario.name}[/bold]: {len(sites)} sites, {cfg.rounds} rounds -> {run_dir}")
@@ -95,7 +95,7 @@ def resume_simulation(run_dir: Path, rounds: Optional[int]) -> None:
     if not saved.is_file():
         fail(f"no run-config.toml in {run_dir}: not a fedus simulation run")
     cfg = RunConfig.from_dict(read_toml(saved)).with_overrides({"resume": True, **({"rounds": rounds} if rounds else {})})
-    sites = list_sites(read_manifest(Path(cfg.data.manifest)), cfg.data.site_column)
+    sites = list_sites(read_manifest(Path(cfg.data.manifest)), cfg.data.site_column, cfg.data.held_out_sites)
     console.print(f"resuming {run_dir} ({len(sites)} sites, {cfg.rounds} rounds)")
     simulate(cfg, len(sites), run_dir.resolve())
     console.print(f"report: {write_report(run_dir)['report_html']}")
@@ -149,6 +149,53 @@ def simulate_cmd(
 
 
 @app.command()
+def loco(
+    scenario: str = typer.Option(..., help="name in simulations/ or a TOML path"),
+    centre: Optional[list[str]] = typer.Option(None, help="centre to hold out (repeatable; default: every centre)"),
+    rounds: Optional[int] = typer.Option(None),
+    fit_teacher_steps: Optional[int] = typer.Option(None, help="steps to fit each fold's stand-in teacher when no weights"),
+    run_dir: Optional[Path] = typer.Option(None, help="one folder per fold goes in here, with loco.csv and loco.md"),
+    sets: Optional[list[str]] = Sets,
+) -> None:
+    """Leave-one-centre-out: one federation per held-out centre, each scored on the centre it never saw."""
+    import re
+
+    from fedus.data.manifest import read_manifest
+    from fedus.data.sites import list_sites, resolve_manifest
+    from fedus.evaluation.run_eval import evaluate_run
+    from fedus.reports import write_report
+    from fedus.reports.loco import write_loco_report
+    from fedus.runs import default_run_dir
+    from fedus.scenarios import load_scenario
+
+    overrides = _overrides(rounds, None, None, None, None, sets)
+    loaded = load_scenario(scenario, overrides)
+    cfg = loaded.config
+    if cfg.data.held_out_sites:
+        fail("leave data.held-out empty: `fedus loco` holds out one centre per fold itself")
+    every = list_sites(read_manifest(resolve_manifest(cfg.data, cfg.seed)), cfg.data.site_column)
+    centres = list(centre or every)
+    unknown = [c for c in centres if c not in every]
+    if unknown:
+        fail(f"no centre '{unknown[0]}' in the scenario's data (centres: {', '.join(every)})")
+    if len(every) < 2:
+        fail("leave-one-centre-out needs at least 2 centres")
+    run_dir = (run_dir or default_run_dir(f"{loaded.name}-loco")).resolve()
+    folds = {}
+    for c in centres:
+        fold = run_dir / ("held-out-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", c))
+        console.print(f"[bold]fold {len(folds) + 1}/{len(centres)}[/bold]: {c} held out")
+        run_scenario(scenario, [*overrides, f"data.held-out={json.dumps(c)}"], fold, fit_teacher_steps)
+        evaluate_run(fold, sites=[c], references=("central",))
+        write_report(fold)
+        folds[c] = fold
+    data = f"scenario '{loaded.name}', {cfg.data.source} data, sites by '{cfg.data.site_column}'"
+    paths = write_loco_report(run_dir, folds, cfg.seed, data)
+    console.print(paths["loco_md"].read_text(), markup=False, highlight=False)
+    console.print(f"leave-one-centre-out: {paths['loco_csv']}")
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="a run directory holding summary.json")) -> None:
     """Write the per-site CSV, Markdown/HTML page and per-round plot of a run."""
     from fedus.reports import write_report
@@ -164,9 +211,11 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory holding sum
 def evaluate(
     run_dir: Path = typer.Argument(..., help="a run directory holding summary.json and global checkpoints"),
     site: Optional[list[str]] = typer.Option(None, help="site name (repeatable; default: every site of the run)"),
+    references: bool = typer.Option(True, help="also distil each site's local student and the pooled central one, "
+                                               "and fill the cross-site matrix (needs every site's data here)"),
     sets: Optional[list[str]] = Sets,
 ) -> None:
-    """Offline protocol on the final global student, teacher and random init per site; then re-write the report."""
+    """Offline protocol per site: teacher, final global student, local and central references, random init; then re-write the report."""
     from fedus.evaluation.run_eval import evaluate_run
     from fedus.reports import write_report
 
@@ -175,7 +224,8 @@ def evaluate(
     bad = [s for s in sets or [] if not s.replace(" ", "").startswith("eval.")]
     if bad:
         fail(f"only eval.* keys may be overridden offline, got '{bad[0]}'")
-    console.print(f"evaluation: {evaluate_run(run_dir, site or None, overrides=sets or [])}")
+    done = evaluate_run(run_dir, site or None, overrides=sets or [], references=("local", "central") if references else ())
+    console.print(f"evaluation: {done}")
     console.print(f"report: {write_report(run_dir)['report_html']}")
 
 

@@ -40,6 +40,12 @@ class DataConfig(_Section):
     max_images_per_site: int = Field(0, ge=0, description="0 = all; caps CI-sized runs")
     augment_policy: Literal["ultrasound", "natural"] = Field(
         "ultrasound", description="training augmentation (train.augment = true): ultrasound-aware or ImageNet-style")
+    held_out: str = Field("", description="comma-separated sites kept out of the federation and the teacher fit "
+                                          "(leave-one-centre-out); `fedus evaluate` scores them as unseen centres")
+
+    @property
+    def held_out_sites(self) -> list[str]:
+        return [s.strip() for s in self.held_out.split(",") if s.strip()]
 
 
 RANDOM_INIT_SOURCE = "random init (no weights given); not a foundation model"
@@ -246,7 +252,7 @@ class CoresetConfig(_Section):
 class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1)
     probe_rounds: str = Field("first,last", description="'first,last', 'all' or '0,5,10'")
-    seg_probe_steps: int = Field(150, ge=1)
+    seg_probe_steps: int = Field(150, ge=1, description="decoder steps of the per-round segmentation probe")
     label_fractions: str = Field("0.05,0.1,0.2,0.5,1.0", description="train-label fractions of the protocol (fedus evaluate)")
     seeds: int = Field(3, ge=1, description="subsets/heads per label fraction (mean +- std)")
     knn_k: int = Field(10, ge=1)
@@ -254,6 +260,9 @@ class EvalConfig(_Section):
     decoder_width: int = Field(32, ge=4)
     decoder_steps: int = Field(200, ge=1)
     embedding_per_site: int = Field(100, ge=0, description="held-out images per site in the t-SNE picture (0 = none)")
+    finetune: bool = Field(False, description="also fine-tune each encoder end to end (cls-ft / seg-ft rows); slow")
+    finetune_steps: int = Field(100, ge=1, description="steps per fine-tuning run (one per model, task, fraction, seed)")
+    finetune_lr: float = Field(1e-4, gt=0, description="encoder learning rate when fine-tuning (heads: 10x)")
     protocol_at: Literal["offline", "last"] = Field(
         "offline", description="full protocol (label fractions x seeds) only via `fedus evaluate`, or also in the last round's evaluate")
 

@@ -65,6 +65,13 @@ class Site:
         self.own_manifest = own_manifest
         self.device = pick_device()
 
+    @classmethod
+    def of(cls, cfg: RunConfig, data: SiteData, manifest: Path | None = None) -> "Site":
+        """A site over rows already split (a pooled "central" site, or a site reused under another config)."""
+        site = cls(cfg, data.name, manifest)
+        site.__dict__["data"] = data  # fills the cached property
+        return site
+
     @cached_property
     def data(self) -> SiteData:
         return load_site(self.cfg.data, self.cfg.seed, self.key, self.manifest, self.own_manifest)
@@ -189,10 +196,9 @@ class Site:
         metrics["num-examples"] = len(self.data.test)
         if self.cfg.probe_at(server_round):
             seed = derived_seed(self.cfg.seed, "probe", self.name)
-            metrics.update(probe_scores(student.encode, self.data, ecfg.batch_size, ecfg.seg_probe_steps, seed, self.device))
+            metrics.update(probe_scores(student, self.data, ecfg, seed, self.device))
             if server_round == 0:
-                teacher = self.teacher.to(self.device)
-                t = probe_scores(teacher.feature_map, self.data, ecfg.batch_size, ecfg.seg_probe_steps, seed, self.device)
+                t = probe_scores(self.teacher, self.data, ecfg, seed, self.device)
                 metrics.update({f"teacher_{k}": v for k, v in t.items()})
         if ecfg.protocol_at == "last" and server_round == self.cfg.rounds:  # slow: label fractions x seeds x 3 models
             from fedus.evaluation.protocol import evaluate_models, to_metrics

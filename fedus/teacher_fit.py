@@ -28,7 +28,7 @@ def fit_teacher(cfg: RunConfig, out: Path, steps: int = 150, lr: float = 3e-4, d
     """Returns `cfg` with teacher.weights/source pointing at the fitted file."""
     torch.manual_seed(cfg.seed)
     manifest = resolve_manifest(cfg.data, cfg.seed)
-    names = list_sites(read_manifest(manifest), cfg.data.site_column)
+    names = list_sites(read_manifest(manifest), cfg.data.site_column, cfg.data.held_out_sites)  # never the unseen centres
     sites = [load_site(cfg.data, cfg.seed, name, manifest) for name in names]
     # one label space over all sites: "site/label", so same words at two sites stay apart
     vocab = sorted({f"{s.name}/{c}" for s in sites for c in s.classes})
@@ -79,6 +79,7 @@ def fit_teacher(cfg: RunConfig, out: Path, steps: int = 150, lr: float = 3e-4, d
         raise RuntimeError(f"pruned teacher does not fit {cfg.teacher.arch}: {unexpected[:3]}")
     save_state(full.state_dict(), out, metadata={"arch": cfg.teacher.arch, "fitted_by": "fedus.teacher_fit"})
     data_label = data_label or (cfg.scenario if cfg.data.source == "synthetic" else str(manifest))
-    source = (f"teacher fitted here on the pooled training splits of {data_label} "
+    kept_out = f", {', '.join(cfg.data.held_out_sites)} held out" if cfg.data.held_out else ""
+    source = (f"teacher fitted here on the pooled training splits of {data_label}{kept_out} "
               f"(supervised: site labels + masks, {steps} steps, lr {lr:g}, seed {cfg.seed}); not a foundation model")
     return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"weights": str(out), "source": source})})

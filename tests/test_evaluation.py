@@ -109,27 +109,77 @@ def test_bad_fraction_config_is_one_line_error():
     assert "\n" not in str(err.value)
 
 
-def test_evaluate_run_feeds_every_report_section(cfg, tmp_path):
-    """`fedus evaluate` on a run dir (config + final checkpoint) -> evaluation.json -> report pictures and table."""
+def test_evaluate_run_references_matrix_unseen_centre_and_every_report_section(cfg, tmp_path):
+    """`fedus evaluate` on a run dir whose second centre was held out (leave-one-centre-out): the protocol
+    for teacher / federated / local / central / random init, the cross-site matrix with the unseen centre
+    as a column, and every report section (pictures included) rendered from it."""
+    import csv
+
     from fedus.evaluation.run_eval import evaluate_run
     from fedus.reports import write_report
     from fedus.reports.report import SECTIONS
     from fedus.site import Site
 
-    cfg = cfg.with_overrides(["eval.seeds=1", "eval.label-fractions=\"1.0\"", "eval.embedding-per-site=8"])
+    cfg = cfg.with_overrides(["eval.seeds=1", "eval.label-fractions=\"1.0\"", "eval.embedding-per-site=8", "train.lr=1e-3",
+                              "rounds=2"])
     names = [Site(cfg, i).name for i in (0, 1)]
-    save_state(Site(cfg, 0).student().state_dict(), tmp_path / "global-round-001.safetensors")
+    cfg = cfg.with_overrides({"data.held-out": names[1]})
+    assert Site(cfg, 0).name == names[0]
+    with pytest.raises(ConfigError, match="out of range"):
+        Site(cfg, 1).data  # the held-out centre is no partition of the federation
+    start = Site(cfg, 0).student().state_dict()
+    for r in (0, 2):  # an untrained "federated" student: the references must move past it
+        save_state(start, tmp_path / f"global-round-00{r}.safetensors")
     (tmp_path / "summary.json").write_text(json.dumps({
-        "status": "completed", "config": cfg.to_dict(), "sites": {n: {} for n in names},
-        "rounds": [{"round": 1, "checkpoint": "global-round-001.safetensors"}]}))
-    evaluation = json.loads(evaluate_run(tmp_path, sites=names[:1] + names[1:]).read_text())
-    assert set(evaluation["sites"]) == set(names) and evaluation["round"] == 1
-    assert {r["model"] for r in evaluation["sites"][names[0]]["rows"]} == {"teacher", "student", "random_init"}
+        "status": "completed", "config": cfg.to_dict(), "sites": {names[0]: {}},
+        "rounds": [{"round": r, "checkpoint": f"global-round-00{r}.safetensors"} for r in (0, 2)]}))
+    evaluation = json.loads(evaluate_run(tmp_path).read_text())
+    assert list(evaluation["sites"]) == names and evaluation["held_out"] == [names[1]] and evaluation["round"] == 2
+    own, unseen = ({r["model"] for r in evaluation["sites"][n]["rows"]} for n in names)
+    assert own == {"teacher", "student", "local", "central", "random_init"}
+    assert unseen == {"teacher", "student", "central", "random_init"}  # no local student where nothing trained
+    assert evaluation["references"]["private"] is False
+    cells = evaluation["cross_site"]
+    assert {(c["model"], c["site"]) for c in cells} == {(m, n) for m in ("federated", f"local:{names[0]}", "central") for n in names}
+    cos = {(c["model"], c["site"]): c["value"] for c in cells if c["metric"] == "cos"}
+    for n in names:  # 2 rounds of the site step (local) and of pooled steps (central) moved towards the teacher
+        assert cos[(f"local:{names[0]}", n)] > cos[("federated", n)] + 0.01, (n, cos)
+        assert cos[("central", n)] > cos[("federated", n)] + 0.01, (n, cos)
+    assert {c["metric"] for c in cells} >= {"cos", "knn_acc", "cls_balanced_acc"}
     assert set(evaluation["embedding"]["teacher"]["centre"]) == set(names)
-    page = write_report(tmp_path)["report_html"].read_text()
+    paths = write_report(tmp_path)
+    page = paths["report_html"].read_text()
     for name in SECTIONS:
         assert f"<h2>{name}</h2>" in page
-    assert page.count('src="data:image/png;base64,') == 3
+    assert page.count('src="data:image/png;base64,') == 4  # per-round, label efficiency, matrix heat map, t-SNE
+    assert f"{names[1]} (unseen)" in page and "never saw it" in page
+    with open(paths["cross_site_csv"]) as f:
+        assert len(list(csv.DictReader(f))) == len(cells)
+
+
+def test_finetuning_trains_a_copy_of_the_encoder_for_both_tasks(cfg):
+    """eval.finetune: the encoder trains with its head (the training loss falls, the weights move), the
+    evaluated model itself is untouched, and the protocol gains cls-ft / seg-ft rows per fraction and seed."""
+    from fedus.evaluation.finetune import finetune
+    from fedus.site import Site
+
+    site = Site(cfg, 0)
+    model = site.student()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ecfg = cfg.eval.model_copy(update={"finetune_steps": 40, "finetune_lr": 1e-3, "batch_size": 16})
+    train, test = site.data.train, site.data.test
+    for task, tr, te in (("cls", np.flatnonzero(train.labels.numpy() >= 0), np.flatnonzero(test.labels.numpy() >= 0)),
+                         ("seg", np.flatnonzero(train.has_mask.numpy()), np.flatnonzero(test.has_mask.numpy()))):
+        assert len(tr) > 10 and len(te) > 2, task
+        scores, losses = finetune(model, task, train, tr, test, te, len(site.data.classes), ecfg, 0, site.device)
+        assert set(scores) == ({"acc", "macro_f1", "balanced_acc"} if task == "cls" else {"dice", "iou"})
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
+        assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.05, (task, losses[:8], losses[-8:])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ft = cfg.with_overrides(["eval.finetune=true", "eval.finetune-steps=3", "eval.seeds=1"])
+    rows = evaluate_models(ft, site, before, models=("student",))["rows"]
+    got = {(r["task"], r["fraction"]) for r in rows}
+    assert got >= {(t, f) for t in ("cls", "seg", "cls-ft", "seg-ft") for f in (0.5, 1.0)}
 
 
 def test_last_round_evaluate_carries_the_protocol_as_scalars(cfg):

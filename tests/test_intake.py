@@ -48,7 +48,7 @@ def _reasons(result) -> dict[str, str]:
 
 def test_manifest_columns_match_fedus_data():
     from fedus.data.manifest import MANIFEST_COLUMNS
-    from fedus.intake.scan import MANIFEST_COLUMNS as INTAKE_COLUMNS
+    from fedus.intake.scanner import MANIFEST_COLUMNS as INTAKE_COLUMNS
 
     assert INTAKE_COLUMNS == MANIFEST_COLUMNS
 

@@ -72,7 +72,7 @@ def _rows(path):
 
 
 def test_files_exist(report, tmp_path):
-    assert set(report) == {"sites_csv", "rounds_csv", "protocol_csv", "report_md", "report_html", "per_round_png"}
+    assert set(report) == {"sites_csv", "rounds_csv", "protocol_csv", "cross_site_csv", "report_md", "report_html", "per_round_png"}
     for p in report.values():
         assert p.is_file() and p.parent == tmp_path / "report"
 
@@ -147,15 +147,22 @@ def _evaluation():
     def summ(site_rows):
         return [{"model": m, "task": t, "metric": k, "fraction": f, "n": 3, "mean": v, "std": 0.02}
                 for m, t, k, f, v in site_rows]
-    a = [(m, "cls", k, f, base * f ** 0.2) for m, base in (("teacher", 0.9), ("student", 0.8), ("random_init", 0.4))
+    a = [(m, "cls", k, f, base * f ** 0.2) for m, base in (("teacher", 0.9), ("student", 0.8), ("local", 0.7),
+                                                           ("central", 0.85), ("random_init", 0.4))
          for k in ("acc", "macro_f1", "balanced_acc") for f in (0.05, 0.1, 0.2, 0.5, 1.0)]
     a += [(m, "knn", "acc", 1.0, v) for m, v in (("teacher", 0.85), ("student", 0.7), ("random_init", 0.35))]
     b = [(m, "seg", k, f, base * f ** 0.3) for m, base in (("teacher", 0.7), ("student", 0.6), ("random_init", 0.2))
          for k in ("dice", "iou") for f in (0.05, 0.1, 0.2, 0.5, 1.0)]
+    c = [(m, "cls", "acc", 1.0, v) for m, v in (("teacher", 0.88), ("student", 0.75), ("central", 0.8), ("random_init", 0.5))]
     xs = [float(i) for i in range(12)]
-    return {"round": 2, "checkpoint": "global-round-002.safetensors",
+    models = ("federated", "local:site-a", "local:site-b", "central")
+    cells = [{"model": m, "site": st, "metric": "cos", "value": 0.5 + 0.1 * i - 0.05 * j}
+             for i, m in enumerate(models) for j, st in enumerate(("site-a", "site-b", "site-c"))]
+    cells += [{"model": m, "site": st, "metric": "knn_acc", "value": 0.6} for m in models for st in ("site-a", "site-c")]
+    return {"round": 2, "checkpoint": "global-round-002.safetensors", "held_out": ["site-c"], "cross_site": cells,
             "sites": {"site-a": {"site": "site-a", "rows": [], "summary": summ(a)},
-                      "site-b": {"site": "site-b", "rows": [], "summary": summ(b)}},
+                      "site-b": {"site": "site-b", "rows": [], "summary": summ(b)},
+                      "site-c": {"site": "site-c", "rows": [], "summary": summ(c)}},
             "embedding": {m: {"x": xs, "y": xs[::-1], "centre": ["site-a"] * 6 + ["site-b"] * 6}
                           for m in ("teacher", "student")}}
 
@@ -184,21 +191,32 @@ def test_every_section_with_data(evaluated):
     md = evaluated["report_md"].read_text()
     for name in SECTIONS:
         assert f"<h2>{html.escape(name)}</h2>" in page and f"## {name}" in md
-    for name in ("Label-efficiency curves", "Per-round curves", "Epsilon per round", "Embeddings (t-SNE)"):
+    for name in ("Label-efficiency curves", "Per-round curves", "Epsilon per round", "Embeddings (t-SNE)", "Cross-site matrix"):
         assert 'src="data:image/png;base64,' in _section_text(page, name)
     assert "not available" not in page
     results = _section_text(page, "Per-site results")
-    # three-way row: teacher / federated student / random init, gap to the teacher
-    assert "<td>site-a</td><td>cls</td><td>acc</td><td>0.900 ± 0.020</td><td>0.800 ± 0.020</td><td>0.400 ± 0.020</td><td>-0.100</td><td>yes</td>" in results
+    # teacher / federated / local / central / random init, gaps to the teacher and to the central student
+    assert ("<td>site-a</td><td>cls</td><td>acc</td><td>0.900 ± 0.020</td><td>0.800 ± 0.020</td><td>0.700 ± 0.020</td>"
+            "<td>0.850 ± 0.020</td><td>0.400 ± 0.020</td><td>-0.100</td><td>-0.050</td><td>yes</td>") in results
     assert "<td>site-b</td><td>seg</td><td>dice</td>" in results and "<td>site-b</td><td>cls</td>" not in results
+    assert "site-c" not in results  # a held-out centre is not one of the federation's sites...
+    unseen = _section_text(page, "Unseen centres")  # ...it has its own section
+    assert ("<td>site-c</td><td>cls</td><td>acc</td><td>0.880 ± 0.020</td><td>0.750 ± 0.020</td><td>0.800 ± 0.020</td>"
+            "<td>0.500 ± 0.020</td><td>-0.130</td><td>yes</td>") in unseen
+    matrix = _section_text(page, "Cross-site matrix")
+    assert "<th>site-c (unseen)</th>" in matrix and "<td>local:site-b</td>" in matrix
+    assert "<td>central</td><td>0.800</td><td>0.750</td><td>0.700</td>" in matrix  # cos row: one cell per site
+    assert "<td>federated</td><td>0.600</td><td>n/a</td><td>0.600</td>" in matrix  # site-b has no class labels
     assert "0.900" in _section_text(page, "Privacy and update validation")
     assert "vendor-x" in _section_text(page, "Data cards")
     assert "label fractions 0.05,0.1,0.2,0.5,1.0" in _section_text(page, "Provenance")
     assert "Run config" in page and "<script" not in page.lower()
     with evaluated["protocol_csv"].open(newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * 3 * 5 + 3 + 3 * 2 * 5
-    for key in ("label_efficiency_png", "embedding_png"):
+    assert len(rows) == 5 * 3 * 5 + 3 + 3 * 2 * 5 + 4
+    with evaluated["cross_site_csv"].open(newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4 * 3 + 4 * 2
+    for key in ("label_efficiency_png", "embedding_png", "cross_site_png"):
         assert evaluated[key].read_bytes()[:4] == b"\x89PNG"
 
 
@@ -241,7 +259,7 @@ def test_html_renders_in_headless_chromium(evaluated, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert [h for h, _ in headings] == list(SECTIONS) and all(height > 0 for _, height in headings)
-    assert len(images) == 4 and all(ok for _, ok in images), images  # incl. the epsilon curves
+    assert len(images) == 5 and all(ok for _, ok in images), images  # incl. the epsilon curves and the heat map
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 
 from fedus.models import Teacher
 
@@ -54,6 +53,8 @@ def feature_rank(embeddings: np.ndarray, clusters: int, seed: int, duplicate_rat
     redundant = duplicates(embeddings, duplicate_ratio)
     unique = embeddings[~redundant].astype(np.float64)
     k = max(1, min(clusters, len(unique)))
+    from sklearn.cluster import KMeans  # here: scikit-learn costs every ClientApp process start-up
+
     km = KMeans(n_clusters=k, n_init=4, random_state=seed % (2**31)).fit(unique)
     labels = km.predict(embeddings.astype(np.float64)).astype(np.int64)
     labels[~redundant] = km.labels_

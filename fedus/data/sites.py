@@ -79,10 +79,18 @@ def ensure_synthetic_corpus(cfg: DataConfig, seed: int, cache_root: Path | None 
     return target / "manifest.csv"
 
 
-def list_sites(df: pd.DataFrame, site_column: str) -> list[str]:
+def list_sites(df: pd.DataFrame, site_column: str, held_out: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The federation's sites, sorted (partition i is the i-th); `held_out` ones are left out."""
     if site_column not in df.columns:
         raise ConfigError(f"manifest has no site column '{site_column}'")
-    return sorted(v for v in df[site_column].unique() if v)
+    every = sorted(v for v in df[site_column].unique() if v)
+    unknown = sorted(set(held_out) - set(every))
+    if unknown:
+        raise ConfigError(f"data.held-out names no site of the manifest: {', '.join(unknown)} (sites: {', '.join(every)})")
+    sites = [s for s in every if s not in held_out]
+    if not sites:
+        raise ConfigError("data.held-out leaves no site in the federation")
+    return sites
 
 
 def load_site(cfg: DataConfig, seed: int, site: str | int, manifest: Path | None = None, own_manifest: bool = False) -> SiteData:
@@ -95,7 +103,7 @@ def load_site(cfg: DataConfig, seed: int, site: str | int, manifest: Path | None
     df = read_manifest(manifest)
     if own_manifest:
         df = df.assign(**{cfg.site_column: str(site)})
-    sites = list_sites(df, cfg.site_column)
+    sites = list_sites(df, cfg.site_column, () if own_manifest else cfg.held_out_sites)
     if isinstance(site, int):
         if not 0 <= site < len(sites):
             raise ConfigError(f"partition {site} out of range: manifest has {len(sites)} sites")

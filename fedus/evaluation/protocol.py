@@ -35,7 +35,7 @@ from fedus.models import Student, Teacher
 from fedus.models.backbones import feature_maps
 from fedus.models.weights import load_state
 
-__all__ = ["MODELS", "Features", "extract", "linear_head", "run_protocol", "site_groups", "stage_fn",
+__all__ = ["MODELS", "Features", "extract", "linear_head", "class_metrics", "run_protocol", "site_groups", "stage_fn",
            "evaluate_models", "evaluate_checkpoint", "summarise", "to_metrics", "from_metrics"]
 
 MODELS = ("teacher", "student", "random_init")
@@ -75,18 +75,24 @@ def extract(fn: StageFn, dataset, batch_size: int, device: torch.device) -> Feat
 
 
 def linear_head(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int) -> dict[str, float]:
-    """The `linear_probe` recipe (standardised, L2 logistic regression, C=1, balanced) plus balanced accuracy."""
+    """Standardised features, L2 logistic regression (C=1, class-balanced): a deliberately weak head, so
+    differences between encoders reflect their features; {} when undefined (one class, empty test)."""
     if len(test_x) == 0 or len(np.unique(train_y)) < 2:
         return {}
+    train_x, test_x = np.nan_to_num(train_x.astype(np.float64)), np.nan_to_num(test_x.astype(np.float64))
     scaler = StandardScaler().fit(train_x)
     clf = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced", random_state=seed)
     pred = clf.fit(scaler.transform(train_x), train_y).predict(scaler.transform(test_x))
-    labels = np.union1d(train_y, test_y)
+    return class_metrics(test_y, pred, np.union1d(train_y, test_y))
+
+
+def class_metrics(true: np.ndarray, pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro-F1 over `labels`, balanced accuracy (scikit-learn), for every classification head."""
     with warnings.catch_warnings():  # a predicted class absent from a small test split is expected, not news
         warnings.simplefilter("ignore", UserWarning)
-        balanced = float(balanced_accuracy_score(test_y, pred))
-    return {"acc": float(accuracy_score(test_y, pred)),
-            "macro_f1": float(f1_score(test_y, pred, labels=labels, average="macro", zero_division=0)),
+        balanced = float(balanced_accuracy_score(true, pred))
+    return {"acc": float(accuracy_score(true, pred)),
+            "macro_f1": float(f1_score(true, pred, labels=labels, average="macro", zero_division=0)),
             "balanced_acc": balanced}
 
 
@@ -112,11 +118,13 @@ def _timed(timings: dict[str, float] | None, part: str):
 
 
 def run_protocol(fn: StageFn, data: SiteData, groups: np.ndarray, ecfg: EvalConfig, seed: int,
-                 device: torch.device, timings: dict[str, float] | None = None) -> list[dict]:
+                 device: torch.device, timings: dict[str, float] | None = None, model=None) -> list[dict]:
     """Rows {task, metric, fraction, seed, value} for one encoder on one site.
 
-    `timings`: seconds per part are added to it ("extract", "knn", "cls:<fraction>", "seg:<fraction>"),
-    so bench/eval_cost.py times this very code rather than a copy of it."""
+    `model` (the encoder `fn` reads) with eval.finetune: also "cls-ft" / "seg-ft" rows from full
+    fine-tuning (fedus.evaluation.finetune) on the same label-fraction subsets and seeds.
+    `timings`: seconds per part are added to it ("extract", "knn", "cls:<fraction>", "seg:<fraction>",
+    "cls-ft:<fraction>", ...), so bench/eval_cost.py times this very code rather than a copy of it."""
     with _timed(timings, "extract"):
         train = extract(fn, data.train, ecfg.batch_size, device)
         test = extract(fn, data.test, ecfg.batch_size, device)  # ends in .cpu(): synchronised
@@ -143,6 +151,27 @@ def run_protocol(fn: StageFn, data: SiteData, groups: np.ndarray, ecfg: EvalConf
                     sub = label_fraction_subset(train.labels[train.mask_idx], groups[train.mask_idx], frac, s)
                     add("seg", decoder_probe([m[sub] for m in train.stages], train.masks[sub], test.stages, test.masks,
                                              ecfg.decoder_width, ecfg.decoder_steps, seed=s), frac, rep)
+            if ecfg.finetune and model is not None:
+                rows += _finetune_rows(model, data, groups, train, test, ecfg, frac, rep, s, device, timings)
+    return rows
+
+
+def _finetune_rows(model, data: SiteData, groups: np.ndarray, train: Features, test: Features, ecfg: EvalConfig,
+                   frac: float, rep: int, s: int, device: torch.device, timings: dict[str, float] | None) -> list[dict]:
+    from fedus.evaluation.finetune import finetune
+
+    rows = []
+    lab_tr, lab_te = np.flatnonzero(train.labels >= 0), np.flatnonzero(test.labels >= 0)
+    tasks = []
+    if len(lab_tr) and len(lab_te) and len(data.classes) > 1:
+        tasks.append(("cls", lab_tr[label_fraction_subset(train.labels[lab_tr], groups[lab_tr], frac, s)], lab_te))
+    if len(train.mask_idx) and len(test.mask_idx):
+        sub = train.mask_idx[label_fraction_subset(train.labels[train.mask_idx], groups[train.mask_idx], frac, s)]
+        tasks.append(("seg", sub, test.mask_idx))
+    for task, tr, te in tasks:
+        with _timed(timings, f"{task}-ft:{frac:g}"):
+            scores, _ = finetune(model, task, data.train, tr, data.test, te, len(data.classes), ecfg, s, device)
+        rows += [{"task": f"{task}-ft", "metric": k, "fraction": frac, "seed": rep, "value": v} for k, v in scores.items()]
     return rows
 
 
@@ -156,19 +185,21 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def evaluate_models(cfg: RunConfig, site, state: dict[str, torch.Tensor] | None,
-                    models: tuple[str, ...] = MODELS) -> dict:
-    """The protocol for the chosen models on a `fedus.site.Site`: teacher, student (from `state`), random init."""
+                    models: tuple[str, ...] = MODELS, references: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:
+    """The protocol for the chosen models on a `fedus.site.Site`: teacher, student (from `state`), random init,
+    and the reference students in `references` ({"local": state, "central": state}, fedus.evaluation.baselines)."""
     from fedus.site import derived_seed
 
     groups = site_groups(site.data, site.manifest or resolve_manifest(cfg.data, cfg.seed))
     seed = derived_seed(cfg.seed, "protocol", site.name)
+    students = {"student": state, "random_init": None, **(references or {})}
     rows = []
-    for name in models:
-        if name == "student" and state is None:
+    for name in [*models, *(references or {})]:
+        if name != "teacher" and (name not in students or (name == "student" and state is None)):
             continue
-        model = site.teacher if name == "teacher" else site.student(state if name == "student" else None)
+        model = site.teacher if name == "teacher" else site.student(students[name])
         fn = stage_fn(model.to(site.device), cfg.eval.decoder_stages)
-        rows += [{"model": name, **r} for r in run_protocol(fn, site.data, groups, cfg.eval, seed, site.device)]
+        rows += [{"model": name, **r} for r in run_protocol(fn, site.data, groups, cfg.eval, seed, site.device, model=model)]
     return {"site": site.name, "rows": rows, "summary": summarise(rows)}
 
 

@@ -8,18 +8,17 @@ scored on its held-out split, so no test image ever trains anything.
 
 from __future__ import annotations
 
-from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fedus.config import EvalConfig
 from fedus.data.sites import SiteData
 from fedus.distill.losses import token_cosine
 from fedus.distill.site_step import autocast_for
-from fedus.evaluation.probes import linear_probe, segmentation_probe
 from fedus.models import Student, Teacher
 
-Encoder = Callable[[torch.Tensor], torch.Tensor]  # [B,3,H,W] -> [B,C,h,w]
 
 
 @torch.no_grad()
@@ -37,31 +36,24 @@ def teacher_agreement(student: Student, teacher: Teacher, site: SiteData, batch_
     return {"cos": cos_sum / max(n, 1), "mse": mse_sum / max(n, 1)}
 
 
-@torch.no_grad()
-def _features(encoder: Encoder, dataset, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    maps, masks, has_mask, labels = [], [], [], []
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        maps.append(encoder(batch["image"].to(device)).float().cpu())
-        masks.append(batch["mask"])
-        has_mask.append(batch["has_mask"])
-        labels.append(batch["label"])
-    return {k: torch.cat(v) for k, v in
-            dict(maps=maps, masks=masks, has_mask=has_mask, labels=labels).items()}
+def probe_scores(model: Student | Teacher, site: SiteData, ecfg: EvalConfig, seed: int, device: torch.device) -> dict[str, float]:
+    """cls_acc / cls_f1 where the site has class labels, seg_dice / seg_iou where it has masks.
 
+    The protocol's own heads (fedus.evaluation.protocol: linear head on pooled last-stage features,
+    `StageDecoder` over the last `eval.decoder-stages` maps) at 100 % labels and one seed, with
+    `eval.seg-probe-steps` decoder steps: a round's probe and `fedus evaluate` measure the same thing."""
+    from fedus.evaluation.decoder import decoder_probe
+    from fedus.evaluation.protocol import extract, linear_head, stage_fn
 
-def probe_scores(encoder: Encoder, site: SiteData, batch_size: int, seg_steps: int, seed: int, device: torch.device) -> dict[str, float]:
-    """cls_acc / cls_f1 where the site has class labels, seg_dice / seg_iou where it has masks."""
-    train = _features(encoder, site.train, batch_size, device)
-    test = _features(encoder, site.test, batch_size, device)
+    fn = stage_fn(model.to(device), ecfg.decoder_stages)
+    train, test = extract(fn, site.train, ecfg.batch_size, device), extract(fn, site.test, ecfg.batch_size, device)
     scores: dict[str, float] = {}
-    tr_lab, te_lab = train["labels"] >= 0, test["labels"] >= 0
-    if tr_lab.sum() and te_lab.sum():
-        cls = linear_probe(train["maps"][tr_lab].mean((2, 3)), train["labels"][tr_lab],
-                           test["maps"][te_lab].mean((2, 3)), test["labels"][te_lab], seed=seed)
-        scores.update({f"cls_{k}" if k != "macro_f1" else "cls_f1": v for k, v in cls.items()})
-    tr_m, te_m = train["has_mask"], test["has_mask"]
-    if tr_m.sum() and te_m.sum():
-        seg = segmentation_probe(train["maps"][tr_m], train["masks"][tr_m], test["maps"][te_m],
-                                 test["masks"][te_m], steps=seg_steps, seed=seed)
+    tr, te = np.flatnonzero(train.labels >= 0), np.flatnonzero(test.labels >= 0)
+    if len(tr) and len(te):
+        cls = linear_head(train.pooled[tr], train.labels[tr], test.pooled[te], test.labels[te], seed=seed)
+        scores.update({"cls_acc": cls["acc"], "cls_f1": cls["macro_f1"]} if cls else {})
+    if len(train.mask_idx) and len(test.mask_idx):
+        seg = decoder_probe(train.stages, train.masks, test.stages, test.masks, ecfg.decoder_width,
+                            ecfg.seg_probe_steps, seed=seed)
         scores.update({f"seg_{k}": v for k, v in seg.items()})
     return scores

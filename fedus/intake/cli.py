@@ -25,7 +25,7 @@ def scan_cmd(
 ) -> None:
     """Scan a site's archive into a manifest; bad files are skipped and listed in intake-log.csv."""
     from fedus.intake.readers import FrameSampling
-    from fedus.intake.scan import scan
+    from fedus.intake.scanner import scan
 
     result = scan(site_dir, out, sampling=FrameSampling.parse(every, frames), workers=workers, center=center,
                   label_from_folder=label_from_folder)

@@ -18,9 +18,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from fedus.reports.sections import (CARD_HEAD, NOT_AVAILABLE, PROTOCOL_HEAD, card_rows, embedding_png,
-                                    evaluation_from_summary, label_efficiency_png, protocol_csv_rows, protocol_rows,
-                                    read_evaluation)
+from fedus.reports.sections import (CARD_HEAD, NOT_AVAILABLE, PROTOCOL_HEAD, UNSEEN_HEAD, card_rows, cross_site_png,
+                                    cross_site_tables, embedding_png, evaluation_from_summary, label_efficiency_png,
+                                    protocol_csv_rows, protocol_rows, read_evaluation)
 from fedus.reports.privacy import EpsilonRecord, epsilon_csv_rows, epsilon_png, epsilon_record, epsilon_table, epsilon_text
 from matplotlib.ticker import MaxNLocator
 
@@ -282,15 +282,24 @@ OVERVIEW_HEAD = ["site", "n_train", "n_test", "cosine to teacher: round 0 → fi
                  "train loss: first (before) → last (after)"]
 PROBE_HEAD = ["site", "probe metric", "teacher", "random-init student (round 0)", "distilled student",
               "gap to teacher (student − teacher)", "student beats random init"]
-SECTIONS = ("Provenance", "Per-site results", "Label-efficiency curves", "Per-round curves", "Epsilon per round",
-            "Privacy and update validation", "Data cards", "Embeddings (t-SNE)", "How to read this")
+SECTIONS = ("Provenance", "Per-site results", "Cross-site matrix", "Unseen centres", "Label-efficiency curves",
+            "Per-round curves", "Epsilon per round", "Privacy and update validation", "Data cards", "Embeddings (t-SNE)",
+            "How to read this")
 _NO_EVAL = f"{NOT_AVAILABLE} (run `fedus evaluate RUN_DIR`, then `fedus report RUN_DIR`)"
+_NO_UNSEEN = ("no centre was held out of this run (leave-one-centre-out: `fedus loco --scenario NAME` runs one "
+              "federation per held-out centre)")
+_PROTOCOL_TITLE = ("Evaluation protocol: teacher / federated student / local student / central student / random init "
+                   "(100 % labels, mean ± std)")
+_REFERENCES = ("Local student: the same start weights and site step on that site's data alone, for as many rounds. "
+               "Central student: the same on every site's training split pooled, with the federation's whole step "
+               "budget (simulation only). Both are trained by `fedus evaluate` without DP-SGD, as references.")
 HOW_TO_READ = (
     "Every number is per site, never averaged across sites, because sites differ in device "
     "and case mix and an average would hide a site where distillation did not help. Cosine and MSE compare the "
     "global student's features with the frozen teacher's on the site's held-out split (round 0 is the random-init "
-    "student, before any federated training). Probe metrics come from light probes on frozen features (logistic "
-    "regression for the lesion class, a 1x1-conv probe for the mask), fitted on the site's train split and scored "
+    "student, before any federated training). Probe metrics come from light heads on frozen features (logistic "
+    "regression for the class, a small U-Net-style decoder over the last encoder stages for the mask; the same "
+    "heads as the evaluation protocol, at 100 % labels and one seed), fitted on the site's train split and scored "
     "on its held-out split; they are only as trustworthy as the teacher they are compared with. A dash means the "
     "value was not recorded; n/a means the site has no labels or masks for that probe."
 )
@@ -319,8 +328,14 @@ def _markdown(summary: dict, rows: list[dict], evaluation: dict | None, png_name
     parts += ["", "## Per-site results", "", _md_table(OVERVIEW_HEAD, _overview_rows(rows)), "",
               "### Probes: teacher / random-init student / distilled student", "",
               _md_table(PROBE_HEAD, _probe_rows(rows, infos)), "",
-              "### Evaluation protocol: teacher / federated student / random init (100 % labels, mean ± std)", "",
+              f"### {_PROTOCOL_TITLE}", "", _REFERENCES, "",
               _md_table(PROTOCOL_HEAD, protocol_rows(evaluation)) if protocol_rows(evaluation) else f"*{_NO_EVAL}*", "",
+              "## Cross-site matrix", "",
+              *([f"### {t}\n\n{_md_table(h, b)}\n" for t, h, b in cross_site_tables(evaluation)]
+                + [img("cross_site_png", "cross-site heat map"), ""] if cross_site_tables(evaluation) else [f"*{_NO_EVAL}*", ""]),
+              "## Unseen centres", "",
+              _md_table(UNSEEN_HEAD, protocol_rows(evaluation, unseen=True)) if protocol_rows(evaluation, unseen=True)
+              else f"*{_NO_UNSEEN}*", "",
               "## Label-efficiency curves", "", img("label_efficiency_png", "label-efficiency curves"), "",
               "## Per-round curves", "", img("per_round_png", "per-round curves"), "",
               "## Epsilon per round", "", *[f"{_md_cell(t)}\n" for t in epsilon_text(eps)],
@@ -397,8 +412,12 @@ def _html(summary: dict, rows: list[dict], evaluation: dict | None, pngs: dict[s
         + sec("Per-site results", _html_table(OVERVIEW_HEAD, _overview_rows(rows))
               + "<h3>Probes: teacher / random-init student / distilled student</h3>\n"
               + _html_table(PROBE_HEAD, _probe_rows(rows, summary.get("sites") or {}))
-              + "<h3>Evaluation protocol: teacher / federated student / random init (100 % labels, mean ± std)</h3>\n"
+              + f"<h3>{e(_PROTOCOL_TITLE)}</h3>\n<p>{e(_REFERENCES)}</p>\n"
               + (_html_table(PROTOCOL_HEAD, protocol_rows(evaluation)) if protocol_rows(evaluation) else na(_NO_EVAL)))
+        + sec("Cross-site matrix", "".join(f"<h3>{e(t)}</h3>\n" + _html_table(h, b) for t, h, b in cross_site_tables(evaluation))
+              + img("cross_site_png", "cross-site heat map"))
+        + sec("Unseen centres", _html_table(UNSEEN_HEAD, protocol_rows(evaluation, unseen=True))
+              if protocol_rows(evaluation, unseen=True) else na(_NO_UNSEEN))
         + sec("Label-efficiency curves", img("label_efficiency_png", "label-efficiency curves"))
         + sec("Per-round curves", img("per_round_png", "per-round curves", NOT_AVAILABLE))
         + sec("Epsilon per round", "".join(f"<p>{e(t)}</p>" for t in epsilon_text(eps))
@@ -416,10 +435,10 @@ def _html(summary: dict, rows: list[dict], evaluation: dict | None, pngs: dict[s
 
 def write_report(run_dir: Path) -> dict[str, Path]:
     """Reads run_dir/summary.json (and evaluation.json from `fedus evaluate`, when present); writes
-    run_dir/report/{sites.csv, rounds.csv, protocol.csv, report.md, report.html, *.png}; returns their paths.
+    run_dir/report/{sites.csv, rounds.csv, protocol.csv, cross_site.csv, report.md, report.html, *.png}; returns their paths.
 
-    Keys: sites_csv, rounds_csv, protocol_csv, report_md, report_html, per_round_png, and
-    label_efficiency_png / embedding_png only when the run has been evaluated offline,
+    Keys: sites_csv, rounds_csv, protocol_csv, cross_site_csv, report_md, report_html, per_round_png, and
+    label_efficiency_png / embedding_png / cross_site_png only when the run has been evaluated offline,
     epsilon_png only when the run spent epsilon (DP-SGD at sites or central DP).
     """
     run_dir = Path(run_dir)
@@ -431,6 +450,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     paths = {"sites_csv": out / "sites.csv", "rounds_csv": out / "rounds.csv", "protocol_csv": out / "protocol.csv",
+             "cross_site_csv": out / "cross_site.csv",
              "report_md": out / "report.md", "report_html": out / "report.html", "per_round_png": out / "per_round.png"}
 
     rounds = _rounds(summary)
@@ -443,10 +463,12 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     _write_csv(paths["rounds_csv"], long, ["round", "site", "metric", "value"])
     _write_csv(paths["protocol_csv"], protocol_csv_rows(evaluation),
                ["site", "model", "task", "metric", "fraction", "n", "mean", "std"])
+    _write_csv(paths["cross_site_csv"], (evaluation or {}).get("cross_site") or [], ["model", "site", "metric", "value"])
     _plot(paths["per_round_png"], rounds, sites)
     pngs = {"per_round_png": paths["per_round_png"].read_bytes(), "label_efficiency_png": label_efficiency_png(evaluation),
-            "embedding_png": embedding_png(evaluation), "epsilon_png": epsilon_png(eps)}
-    for key in ("label_efficiency_png", "embedding_png", "epsilon_png"):
+            "embedding_png": embedding_png(evaluation), "epsilon_png": epsilon_png(eps),
+            "cross_site_png": cross_site_png(evaluation)}
+    for key in ("label_efficiency_png", "embedding_png", "epsilon_png", "cross_site_png"):
         stale = out / f"{key[:-4]}.png"
         if pngs[key]:
             paths[key] = stale

@@ -14,12 +14,17 @@ from typing import Any
 from matplotlib.figure import Figure
 
 NOT_AVAILABLE = "not available in this run"
-MODEL_NAMES = {"teacher": "teacher", "student": "federated student", "random_init": "random init"}
-# (task, metric) pairs of the three-way table, at the full label fraction
+MODEL_NAMES = {"teacher": "teacher", "student": "federated student", "local": "local student",
+               "central": "central student (pooled)", "random_init": "random init"}
+# (task, metric) pairs of the per-site table, at the full label fraction
 PROTOCOL_METRICS = (("knn", "acc"), ("cls", "acc"), ("cls", "macro_f1"), ("cls", "balanced_acc"),
-                    ("seg", "dice"), ("seg", "iou"))
-PROTOCOL_HEAD = ["site", "task", "metric", "teacher", "federated student", "random init", "gap to teacher (student − teacher)",
-                 "student beats random init"]
+                    ("seg", "dice"), ("seg", "iou"), ("cls-ft", "macro_f1"), ("cls-ft", "balanced_acc"),
+                    ("seg-ft", "dice"), ("seg-ft", "iou"))  # -ft: full fine-tuning (eval.finetune)
+PROTOCOL_HEAD = ["site", "task", "metric", *MODEL_NAMES.values(), "gap to teacher (student − teacher)",
+                 "gap to central (student − central)", "student beats random init"]
+UNSEEN_HEAD = ["held-out centre", "task", "metric", "teacher", "federated student (never saw it)",
+               "central student (pooled)", "random init", "gap to teacher", "student beats random init"]
+MATRIX_NAMES = {"cos": "cosine to the teacher", "knn_acc": "kNN accuracy", "cls_balanced_acc": "linear-head balanced accuracy"}
 CARD_HEAD = ["site", "train images", "held-out images", "classes", "masks", "skipped images", "data card"]
 
 
@@ -51,26 +56,90 @@ def _pm(s: dict | None) -> str:
     return f"{s['mean']:.3f}" + (f" ± {s['std']:.3f}" if s.get("n", 1) > 1 else "")
 
 
-def protocol_rows(evaluation: dict | None) -> list[list[str]] | None:
-    """Three-way rows (teacher / federated student / random init, mean ± std over seeds) at fraction 1.0."""
+def _gap(a: dict | None, b: dict | None) -> str:
+    return "—" if a is None or b is None else f"{a['mean'] - b['mean']:+.3f}"
+
+
+def protocol_rows(evaluation: dict | None, unseen: bool = False) -> list[list[str]] | None:
+    """Per-site rows (teacher / federated / local / central / random init, mean ± std over seeds) at
+    fraction 1.0; `unseen`: only the held-out centres (leave-one-centre-out), else only the federation's."""
     if not evaluation or not evaluation.get("sites"):
         return None
+    held_out = set(evaluation.get("held_out") or [])
     idx = _summary_index(evaluation)
     rows = []
     for site in evaluation["sites"]:
+        if (site in held_out) != unseen:
+            continue
         for task, metric in PROTOCOL_METRICS:
             cells = {m: idx.get((site, m, task, metric, 1.0)) for m in MODEL_NAMES}
             if all(v is None for v in cells.values()):
                 continue
-            t, s, r = cells["teacher"], cells["student"], cells["random_init"]
-            gap = "—" if t is None or s is None else f"{s['mean'] - t['mean']:+.3f}"
+            t, s, c, r = cells["teacher"], cells["student"], cells["central"], cells["random_init"]
             beats = "—" if s is None or r is None else ("yes" if s["mean"] > r["mean"] else "no")
-            rows.append([site, task, metric, _pm(t), _pm(s), _pm(r), gap, beats])
+            if unseen:
+                rows.append([site, task, metric, _pm(t), _pm(s), _pm(c), _pm(r), _gap(s, t), beats])
+            else:
+                rows.append([site, task, metric, *(_pm(v) for v in cells.values()), _gap(s, t), _gap(s, c), beats])
     return rows or None
 
 
 def protocol_csv_rows(evaluation: dict | None) -> list[dict[str, Any]]:
     return [{"site": k[0], **s} for k, s in _summary_index(evaluation or {}).items()]
+
+
+def _matrix(evaluation: dict | None, metric: str):
+    from fedus.evaluation.cross_site import matrix_rows
+
+    cells = (evaluation or {}).get("cross_site") or []
+    try:
+        models, sites, values = matrix_rows(cells, metric)
+    except (KeyError, TypeError):  # a hand-edited evaluation.json must not break the whole report
+        return None
+    if not any(v is not None for row in values for v in row):
+        return None
+    return models, sites, values
+
+
+def cross_site_tables(evaluation: dict | None) -> list[tuple[str, list[str], list[list[str]]]]:
+    """[(title, head, rows)] per matrix metric: rows are models, columns the sites that scored them."""
+    out = []
+    held_out = set((evaluation or {}).get("held_out") or [])
+    for metric, title in MATRIX_NAMES.items():
+        m = _matrix(evaluation, metric)
+        if m is None:
+            continue
+        models, sites, values = m
+        head = ["model ↓ · scored on →", *[f"{s} (unseen)" if s in held_out else s for s in sites]]
+        out.append((title, head, [[model, *("n/a" if v is None else f"{v:.3f}" for v in row)]
+                                  for model, row in zip(models, values)]))
+    return out
+
+
+def cross_site_png(evaluation: dict | None) -> bytes | None:
+    """One heat map per matrix metric (models x sites); a site's own local student sits on its diagonal."""
+    import numpy as np
+
+    mats = [(metric, m) for metric in MATRIX_NAMES if (m := _matrix(evaluation, metric)) is not None]
+    if not mats:
+        return None
+    models, sites = mats[0][1][0], mats[0][1][1]
+    fig = Figure(figsize=(max(4.0, 1.1 * len(sites) + 2.6) * len(mats), 0.45 * len(models) + 2.0), dpi=100)
+    axes = fig.subplots(1, len(mats), squeeze=False)[0]
+    for ax, (metric, (models, sites, values)) in zip(axes, mats):
+        grid = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+        im = ax.imshow(grid, cmap="viridis", aspect="auto")
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                ax.text(j, i, "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}", ha="center", va="center",
+                        fontsize=7, color="w" if not np.isnan(grid[i, j]) and grid[i, j] < np.nanmean(grid) else "k")
+        held_out = set((evaluation or {}).get("held_out") or [])
+        ax.set_xticks(range(len(sites)), [s.replace("$", "") + (" (unseen)" if s in held_out else "") for s in sites],
+                      rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(models)), [m.replace("$", "") for m in models], fontsize=8)
+        ax.set(title=MATRIX_NAMES[metric], xlabel="scored on (held-out split)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return _png(fig)
 
 
 def _png(fig: Figure) -> bytes:
@@ -85,7 +154,8 @@ def label_efficiency_png(evaluation: dict | None) -> bytes | None:
     if not evaluation or not evaluation.get("sites"):
         return None
     idx = _summary_index(evaluation)
-    tasks = [(t, m) for t, m in (("cls", "macro_f1"), ("seg", "dice")) if any(k[2:4] == (t, m) for k in idx)]
+    tasks = [(t, m) for t, m in (("cls", "macro_f1"), ("seg", "dice"), ("cls-ft", "macro_f1"), ("seg-ft", "dice"))
+             if any(k[2:4] == (t, m) for k in idx)]
     sites = list(evaluation["sites"])
     if not tasks:
         return None
