@@ -57,6 +57,13 @@ def _standardise(train: list[torch.Tensor], test: list[torch.Tensor]) -> tuple[l
     return out_tr, out_te
 
 
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice: BCE alone lets small lesions drown in background pixels."""
+    prob, flat = torch.sigmoid(logits).flatten(1), target.flatten(1)
+    soft_dice = 1 - (2 * (prob * flat).sum(1) + 1) / (prob.sum(1) + flat.sum(1) + 1)
+    return F.binary_cross_entropy_with_logits(logits, target) + soft_dice.mean()
+
+
 def decoder_probe(train_stages: list[torch.Tensor], train_masks: torch.Tensor, test_stages: list[torch.Tensor],
                   test_masks: torch.Tensor, width: int = 32, steps: int = 200, lr: float = 3e-3, seed: int = 0,
                   batch_size: int = 32) -> dict[str, float]:
@@ -80,10 +87,7 @@ def decoder_probe(train_stages: list[torch.Tensor], train_masks: torch.Tensor, t
     model.train()
     for _ in range(steps):
         idx = torch.randperm(len(ytr), generator=gen)[:bs]
-        logits, target = model([x[idx] for x in xtr], size), ytr[idx]
-        prob = torch.sigmoid(logits).flatten(1)
-        soft_dice = 1 - (2 * (prob * target.flatten(1)).sum(1) + 1) / (prob.sum(1) + target.flatten(1).sum(1) + 1)
-        loss = F.binary_cross_entropy_with_logits(logits, target) + soft_dice.mean()
+        loss = seg_loss(model([x[idx] for x in xtr], size), ytr[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from fedus.config import EvalConfig
-from fedus.evaluation.decoder import StageDecoder, dice_iou
+from fedus.evaluation.decoder import StageDecoder, dice_iou, seg_loss
 from fedus.evaluation.protocol import class_metrics
 from fedus.models.backbones import feature_maps
 
@@ -73,10 +73,7 @@ def finetune(model, task: str, train_set, train_idx: np.ndarray, test_set, test_
         if task == "cls":
             loss = F.cross_entropy(out, batch["label"].to(device))
         else:
-            target = (batch["mask"].to(device) > 0.5).float()
-            prob = torch.sigmoid(out).flatten(1)
-            soft_dice = 1 - (2 * (prob * target.flatten(1)).sum(1) + 1) / (prob.sum(1) + target.flatten(1).sum(1) + 1)
-            loss = F.binary_cross_entropy_with_logits(out, target) + soft_dice.mean()
+            loss = seg_loss(out, (batch["mask"].to(device) > 0.5).float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
