@@ -59,13 +59,11 @@ def test_demo_runs_without_corpus_or_weights_and_every_site_learns(tmp_path):
     assert len(rows) == 3
     for row in rows:  # distillation worked at every site: the student moved towards the teacher
         assert float(row["cos_final"]) > float(row["cos_round0"]) + 0.2, row["site"]
-    # ...and carried label information over. With ~48 held-out images a site's F1 moves by
-    # ~0.02 per image, so the claim is made on the mean over sites, with a per-site floor.
-    f1 = {k: [float(r[f"{k}_cls_f1"]) for r in rows] for k in ("teacher", "student", "random_init")}
-    mean = {k: sum(v) / len(v) for k, v in f1.items()}
-    assert mean["teacher"] > mean["random_init"] + 0.05, mean  # the stand-in teacher is worth distilling
-    assert mean["student"] > mean["random_init"], mean
-    assert all(s > r - 0.1 for s, r in zip(f1["student"], f1["random_init"])), f1
+    # ...and carried label information over: at every site the federated student's linear probe beats the
+    # random-init student's, and the stand-in teacher is worth distilling (~96 held-out images per site)
+    for row in rows:
+        f1 = {k: float(row[f"{k}_cls_f1"]) for k in ("teacher", "student", "random_init")}
+        assert f1["student"] > f1["random_init"] and f1["teacher"] > f1["random_init"] + 0.05, (row["site"], f1)
     html = (run_dir / "report" / "report.html").read_text()
     assert "not a foundation model" in html and "synthetic" in html
     assert not _alive_for(run_dir)
