@@ -195,7 +195,7 @@ def evaluate_models(cfg: RunConfig, site, state: dict[str, torch.Tensor] | None,
     students = {"student": state, "random_init": None, **(references or {})}
     rows = []
     for name in [*models, *(references or {})]:
-        if name != "teacher" and (name not in students or (name == "student" and state is None)):
+        if name == "student" and state is None:
             continue
         model = site.teacher if name == "teacher" else site.student(students[name])
         fn = stage_fn(model.to(site.device), cfg.eval.decoder_stages)

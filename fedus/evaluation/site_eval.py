@@ -8,7 +8,6 @@ scored on its held-out split, so no test image ever trains anything.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -18,7 +17,6 @@ from fedus.data.sites import SiteData
 from fedus.distill.losses import token_cosine
 from fedus.distill.site_step import autocast_for
 from fedus.models import Student, Teacher
-
 
 
 @torch.no_grad()

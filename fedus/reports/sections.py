@@ -126,6 +126,7 @@ def cross_site_png(evaluation: dict | None) -> bytes | None:
     models, sites = mats[0][1][0], mats[0][1][1]
     fig = Figure(figsize=(max(4.0, 1.1 * len(sites) + 2.6) * len(mats), 0.45 * len(models) + 2.0), dpi=100)
     axes = fig.subplots(1, len(mats), squeeze=False)[0]
+    held_out = set((evaluation or {}).get("held_out") or [])
     for ax, (metric, (models, sites, values)) in zip(axes, mats):
         grid = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
         im = ax.imshow(grid, cmap="viridis", aspect="auto")
@@ -133,7 +134,6 @@ def cross_site_png(evaluation: dict | None) -> bytes | None:
             for j in range(grid.shape[1]):
                 ax.text(j, i, "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}", ha="center", va="center",
                         fontsize=7, color="w" if not np.isnan(grid[i, j]) and grid[i, j] < np.nanmean(grid) else "k")
-        held_out = set((evaluation or {}).get("held_out") or [])
         ax.set_xticks(range(len(sites)), [s.replace("$", "") + (" (unseen)" if s in held_out else "") for s in sites],
                       rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(models)), [m.replace("$", "") for m in models], fontsize=8)
