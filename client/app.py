@@ -13,15 +13,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
-from client.replies import build_reply, site_facts
+from client.replies import as_fitres, build_reply, site_facts
 from fedus.config import RunConfig
 from fedus.coreset import SiteScores, histogram, suppress_small_bins
 from fedus.privacy import PrivacyLedger
 from fedus.site import Site, get_site
 from fedus.transfer import INT8_DELTA, TRANSFER_KEY, decode, encode, encode_delta, nbytes
 from server.central_dp import KEY_BELOW_CLIP, KEY_CLIPPING_NORM, clip_and_flag
+from server.secure_aggregation import CLIP_KEY, KEYS_KEY, MAX_WEIGHT_KEY, is_secure_instruction
 from server.strategy import KEEP_KEY, THRESHOLD_KEY
 
 app = ClientApp()
@@ -59,13 +65,30 @@ def site_privacy(site: Site, context: Context) -> tuple[PrivacyLedger | None, fl
 
 
 def received(msg: Message, context: Context) -> tuple[Site, ConfigRecord, str, dict[str, torch.Tensor]]:
-    """This node's site, the instruction's config, its wire dtype and the student sent (back in fp32)."""
-    config = msg.content["config"]
+    """This node's site, the instruction's config, its wire dtype and the student sent (back in fp32).
+    Under secure aggregation the instruction is Flower's legacy FitIns: unnamed arrays, named by the
+    config's key list."""
+    if is_secure_instruction(msg):
+        ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        config = ConfigRecord(ins.config)
+        arrays = parameters_to_ndarrays(ins.parameters)
+        wire = {k: torch.from_numpy(a.copy()) for k, a in zip(str(config[KEYS_KEY]).split("\n"), arrays, strict=True)}
+    else:
+        config = msg.content["config"]
+        wire = msg.content["arrays"].to_torch_state_dict()
     dtype = str(config.get(TRANSFER_KEY, "fp32"))  # the wire dtype, both ways (fedus.transfer)
-    return site_for(context), config, dtype, decode(msg.content["arrays"].to_torch_state_dict(), dtype)
+    return site_for(context), config, dtype, decode(wire, dtype)
 
 
-@app.train()
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ site half (key agreement, shares, masking), for a secure-aggregation run's
+    train messages; every other message passes straight through."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     site, config, dtype, sent = received(msg, context)
     rounds = int(config["rounds"]) if "rounds" in config else None  # the server's clock (server/app.py sends it)
@@ -77,6 +100,8 @@ def train(msg: Message, context: Context) -> Message:
         state, below = clip_and_flag(state, sent, float(config[KEY_CLIPPING_NORM]))
         if site.cfg.central_dp.mode == "client-adaptive":  # the one bit the server's adaptive norm needs
             metrics = metrics | {KEY_BELOW_CLIP: int(below)}
+    if is_secure_instruction(msg):
+        return secure_reply(msg, site, sent, state, metrics, config)
     scales = None
     if state is not None and dtype == INT8_DELTA:
         state, scales = upload_delta(state, sent, context)
@@ -86,6 +111,21 @@ def train(msg: Message, context: Context) -> Message:
     if subset is not None:
         metrics |= {"coreset_kept": len(subset), "coreset_threshold": float(config[THRESHOLD_KEY])}
     return build_reply(msg, metrics, site_facts(site.name, site.describe()), state, expected, scales=scales)
+
+
+def secure_reply(msg: Message, site: Site, sent: dict[str, torch.Tensor], state: dict[str, torch.Tensor] | None,
+                 metrics: dict, config: ConfigRecord) -> Message:
+    """The update (student - global as received; zero after a refusal, whose weight is 0 too) for
+    SecAgg+ to quantise and mask. Integer buffers are not summed (zero). `secagg_clipped`: the fraction
+    of coordinates the quantiser will clip at its range, so a run can see it is set too tight."""
+    update = {k: (state[k] - v if state is not None else torch.zeros_like(v)) if v.is_floating_point()
+              else torch.zeros_like(v) for k, v in sent.items()}
+    ratio = float(metrics.get("num-examples", 0)) / float(config[MAX_WEIGHT_KEY])
+    limit = float(config[CLIP_KEY])
+    clipped = sum(int((v.abs() * ratio > limit).sum()) for v in update.values())
+    metrics = metrics | {"secagg_clipped": clipped / max(1, sum(v.numel() for v in update.values()))}
+    reply = build_reply(msg, metrics, site_facts(site.name, site.describe()), update, {k: v.shape for k, v in sent.items()})
+    return as_fitres(msg, reply, str(config[KEYS_KEY]).split("\n"))
 
 
 def upload_delta(new: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],

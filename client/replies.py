@@ -18,11 +18,13 @@ import re
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.compat.common import recorddict_compat as compat
 
 from fedus.intake.card import K_ANONYMITY, check_card
 from fedus.transfer import SCALES_RECORD, scale_shape
 from server.central_dp import KEY_BELOW_CLIP
-from server.strategy import CORESET_RECORD, SCORES_RECORD, SITE_RECORD
+from server.strategy import CORESET_RECORD, SCORES_RECORD, SECURE_SITE_KEY, SITE_RECORD
 
 MAX_LIST = 64  # a longer list could be one value per image
 
@@ -41,7 +43,8 @@ TRAIN_METRICS = frozenset({
     "coreset_threshold", KEY_BELOW_CLIP, "train_seconds",
     # DP-SGD and the site's ledger (fedus/site.py: charge, privacy_plan)
     "dp_steps", "noise_multiplier", "sample_rate", "max_grad_norm", "refused", "refusal_code",
-    "epsilon_round", "epsilon_total", "epsilon_projected", "epsilon_budget", "delta"})
+    "epsilon_round", "epsilon_total", "epsilon_projected", "epsilon_budget", "delta",
+    "secagg_clipped"})  # secure aggregation: share of the update's coordinates clipped before quantisation
 EVAL_METRICS = frozenset({"cos", "mse", "num-examples", "eval_seconds"})  # *_seconds: the site's own work time
 SITE_FACTS = frozenset({"name", "n_train", "n_test", "classes", "has_masks", "data_card"})
 ALLOWED_KEYS: dict[str, tuple[frozenset[str], re.Pattern | None]] = {
@@ -196,3 +199,15 @@ def _audit(content: RecordDict) -> None:
             if (not isinstance(value, VALUE_TYPES[name]) or len(items) > MAX_LIST
                     or any(not isinstance(v, (str, int, float)) for v in items)):
                 raise EgressViolation(f"'{name}.{key}' has a value of a type that may not leave")
+
+
+def as_fitres(msg: Message, reply: Message, keys: list[str]) -> Message:
+    """A built (so audited) train reply repacked as Flower's legacy FitRes, the form SecAgg+'s mod
+    quantises and masks: the update in `keys` order, the example count as its weight, the metrics
+    and the site's name. Nothing is added; the site's other facts stay home."""
+    content = reply.content
+    state = content["arrays"].to_torch_state_dict()
+    metrics = dict(content["metrics"]) | {SECURE_SITE_KEY: str(content[SITE_RECORD]["name"])}
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([state[k].numpy() for k in keys]),
+                 int(metrics.get("num-examples", 0)), metrics)
+    return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)

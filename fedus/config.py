@@ -224,6 +224,31 @@ class CentralDPConfig(_Section):
         return (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
 
 
+class SecureAggregationConfig(_Section):
+    """SecAgg+ (Flower's SecAggPlusWorkflow; server/secure_aggregation.py): each site sends its update
+    quantised and masked, the server can unmask only the sum of at least `reconstruction-threshold`
+    sites, never one site's update. So what needs one site's update cannot run at the server: robust
+    aggregation, update validation (`federation.max-norm-ratio`) and central DP are refused or skipped."""
+
+    enabled: bool = False
+    num_shares: float = Field(
+        1.0, gt=0, description="key shares per site: a fraction of the sampled sites (<= 1) or a count (> 2)")
+    reconstruction_threshold: float = Field(
+        0.67, gt=0, description="shares needed to unmask a dropped site: a fraction of num-shares (<= 1) or a count")
+    clipping_range: float = Field(
+        4.0, gt=0, description="bound of each coordinate of a site's weighted update (update x weight / max-weight) "
+        "before quantisation; coordinates beyond it are clipped, and each site reports the fraction clipped")
+    quantization_bits: int = Field(
+        24, ge=8, le=30, description="quantisation levels = 2^bits; masks are mod 2^32, so at most 2^(32-bits) sites a round")
+    max_weight: float = Field(
+        0.0, ge=0, description="the largest site weight (training images) expected; 0 = the largest of the sites "
+        "that answered round 0. A smaller value than a site's weight clips it; a much larger one costs precision")
+
+    def count(self, value: float) -> int | float:
+        """Flower's convention: a float <= 1 is a fraction, a larger whole number a count."""
+        return int(value) if value > 1 else float(value)
+
+
 class CoresetConfig(_Section):
     """Federated coreset selection (fedus.coreset): sites train on their best-scored images; only
     score histograms and counts leave a site, the server turns them into one global budget."""
@@ -290,6 +315,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     coreset: CoresetConfig = CoresetConfig()
     central_dp: CentralDPConfig = CentralDPConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
 
     @model_validator(mode="after")
     def _target_cache_fits(self) -> "RunConfig":
@@ -306,6 +332,14 @@ class RunConfig(_Section):
             # error feedback carries clipped-away rounding into later rounds: a sent update could exceed C
             raise ValueError("central-dp needs each update within its clipping norm, which int8-delta's error "
                              "feedback does not keep: set federation.transfer-dtype = 'fp16'")
+        if self.secure_aggregation.enabled:  # the server holds only the sum: nothing per site can run there
+            if self.federation.robust != "none":
+                raise ValueError("secure-aggregation gives the server only the sum of the updates: set federation.robust = 'none'")
+            if self.central_dp.mode != "off":
+                raise ValueError("secure-aggregation does not combine with central-dp in fedus yet: set central-dp.mode = 'off'")
+            if self.federation.transfer_dtype not in ("fp16", "fp32"):  # the legacy path carries numpy arrays
+                raise ValueError("secure-aggregation quantises the update itself and sends numpy arrays: "
+                                 "set federation.transfer-dtype = 'fp16' or 'fp32'")
         self.central_dp.update_noise_multiplier(self.central_dp.sampled_sites or self.federation.min_sites)
         return self
 

@@ -9,6 +9,7 @@ from fedus.config import ConfigError, RunConfig
 from fedus.runs import RunRecorder, default_run_dir, describe_data, provenance
 from fedus.site import initial_student
 from server.quorum import QuorumGrid
+from server.secure_aggregation import run_secure
 from server.strategy import FedusFedAvg
 
 app = ServerApp()
@@ -39,11 +40,12 @@ def main(grid: Grid, context: Context) -> None:
     try:
         if done == 0:
             strategy.evaluate_initial(grid, arrays, timeout=fed.round_timeout)
-        if cfg.rounds > done:
-            strategy.start(
-                grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds - done, timeout=fed.round_timeout,
-                train_config=ConfigRecord({"rounds": cfg.rounds}), evaluate_config=ConfigRecord({"rounds": cfg.rounds}),
-            )
+        clock = ConfigRecord({"rounds": cfg.rounds})
+        if cfg.rounds > done and cfg.secure_aggregation.enabled:
+            run_secure(strategy, grid, context, arrays, cfg.rounds - done, fed.round_timeout, clock, clock)
+        elif cfg.rounds > done:
+            strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds - done, timeout=fed.round_timeout,
+                           train_config=clock, evaluate_config=clock)
     except ConfigError as err:  # e.g. central DP calibrated for another number of sites: say why in the record
         recorder.summary["error"] = str(err)
         recorder.finish("failed")

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from logging import WARNING
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -33,6 +34,7 @@ SITE_RECORD = "site"
 SCORES_RECORD = "site-scores"
 CORESET_RECORD = "coreset"
 THRESHOLD_KEY, KEEP_KEY = "coreset-threshold", "coreset-keep"  # train config a site reads (client/app.py)
+SECURE_SITE_KEY = "site"  # under SecAgg+ a reply is Flower's legacy FitRes: the site's name rides in its metrics
 
 
 def mean_of_common_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -240,17 +242,57 @@ class FedusFedAvg(FedAvg):
             arrays, metrics = self.release(server_round, usable)
         else:
             arrays, metrics = aggregate(self, server_round, usable)
-        if arrays is not None and self.sent is not None:  # Flower averages int buffers into float64: restore dtypes
+        return self.commit(server_round, arrays), metrics
+
+    def commit(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The round's aggregate becomes the global student: dtypes as sent, the server optimiser's step
+        (if any), a checkpoint."""
+        if arrays is None:
+            return None
+        if self.sent is not None:  # Flower averages int buffers into float64: restore dtypes
             like = self.sent.to_torch_state_dict()
             arrays = ArrayRecord({k: v.to(like[k].dtype) if k in like else v
                                   for k, v in arrays.to_torch_state_dict().items()})
-        if arrays is not None:
-            if self.server_opt is not None:  # the update is relative to the model the sites received
-                arrays = ArrayRecord(self.server_opt.step(server_round, self.received(), arrays.to_torch_state_dict()))
-            extra = {"central_dp": self.central_dp.state_dict()} if self.central_dp is not None else None
-            self.recorder.checkpoint(server_round, arrays.to_torch_state_dict(), extra,
-                                     self.server_opt.state_dict() if self.server_opt is not None else None)
-        return arrays, metrics
+        if self.server_opt is not None:  # the update is relative to the model the sites received
+            arrays = ArrayRecord(self.server_opt.step(server_round, self.received(), arrays.to_torch_state_dict()))
+        extra = {"central_dp": self.central_dp.state_dict()} if self.central_dp is not None else None
+        self.recorder.checkpoint(server_round, arrays.to_torch_state_dict(), extra,
+                                 self.server_opt.state_dict() if self.server_opt is not None else None)
+        return arrays
+
+    def aggregate_secure(self, server_round: int, sites: list[tuple[int, dict]],
+                         mean_update: dict[str, torch.Tensor] | None) -> ArrayRecord | None:
+        """A SecAgg+ round (server/secure_aggregation.py): the sites' own metrics, and the one thing the
+        server could unmask, the example-weighted mean update. Refusals ride in the metrics, with weight 0."""
+        server_round += self.offset
+        train_wall = time.monotonic() - self.began["train"] if "train" in self.began else 0
+        per_site = {}
+        for node, metrics in sorted(sites, key=lambda s: str(s[1].get(SECURE_SITE_KEY, ""))):
+            metrics = dict(metrics)
+            name = str(metrics.pop(SECURE_SITE_KEY, f"node-{node}"))
+            if int(metrics.get("refused", 0)):
+                metrics["refusal"] = REFUSALS.get(int(metrics.get("refusal_code", 0)), "unknown")
+                log(WARNING, "round %s: %s refused to train (%s)", server_round, name, metrics["refusal"])
+            per_site[name] = metrics
+        self.recorder.record(server_round, "train", per_site, failed=max(0, self.asked["train"] - len(sites)))
+        contributed = sum("refusal" not in m for m in per_site.values())
+        self.recorder.record_counts(server_round, {
+            "train_sites_refused": len(per_site) - contributed, "train_wall_s": round(train_wall, 3),
+            "bytes_down": self.bytes_down, "secure_aggregation": 1})
+        self.recorder.record_privacy(server_round, per_site)
+        if mean_update is None or contributed < self.quorum:
+            log(WARNING, "round %s: %s sites contributed to the secure sum, quorum is %s: not aggregated",
+                server_round, contributed if mean_update is not None else 0, self.quorum)
+            self.recorder.record_counts(server_round, {"quorum_not_met": 1})
+            return None
+        base = self.received()
+        if set(mean_update) != set(base) or not all(torch.isfinite(v).all() for v in mean_update.values()):
+            log(WARNING, "round %s: the unmasked sum is not a finite update of the student: not aggregated", server_round)
+            self.recorder.record_counts(server_round, {"secure_sum_rejected": 1})
+            return None
+        # integer buffers (BatchNorm's batch counters) are not summed: the global keeps its own
+        new = {k: v + mean_update[k].to(v.dtype) if v.is_floating_point() else v for k, v in base.items()}
+        return self.commit(server_round, ArrayRecord(new))
 
     def received(self) -> dict:
         """The global student as the sites received it (through the wire dtype and back)."""

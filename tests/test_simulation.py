@@ -69,6 +69,28 @@ def test_demo_runs_without_corpus_or_weights_and_every_site_learns(tmp_path):
     assert not _alive_for(run_dir)
 
 
+def test_secure_aggregation_runs_on_flowers_runtime_and_the_student_still_learns(tmp_path):
+    """SecAgg+ through the real SuperLink and SuperNodes (serialised messages, Flower's simulation runtime);
+    the protocol's numbers are checked in tests/test_secure_aggregation.py."""
+    run_dir = tmp_path / "secagg"
+    proc, seconds = _run(["simulate", "--scenario", "synthetic-devices", "--rounds", "2", "--fit-teacher-steps", "5",
+                          "--image-size", "32", "--run-dir", str(run_dir), "--set", "data.synthetic-images-per-centre=40",
+                          "--set", "train.local-steps=4", "--set", "federation.min-sites=3",
+                          "--set", "secure-aggregation.enabled=true", "--set", 'eval.probe-rounds="0"'],
+                         _env(tmp_path, None), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"secure-aggregation simulation took {seconds:.0f} s")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    trained = [r for r in summary["rounds"] if r["round"] > 0]
+    assert [r["aggregate"].get("secure_aggregation") for r in trained] == [1, 1]
+    assert all(r.get("checkpoint") and len(r["train"]) == 3 for r in trained)
+    for row in _sites(run_dir):
+        assert float(row["cos_final"]) > float(row["cos_round0"]) + 0.2, row["site"]
+    assert "Secure aggregation (SecAgg+" in (run_dir / "report" / "report.md").read_text()
+    assert not _alive_for(run_dir)
+
+
 @pytest.mark.corpus
 def test_leave_one_centre_out_on_the_public_corpus_gives_one_row_per_held_out_centre(tmp_path, corpus):
     """`fedus loco`: four federations of three centres (tiny settings), each scored on the centre it never saw.

@@ -211,3 +211,23 @@ def epsilon_png(rec: EpsilonRecord) -> bytes | None:
     fig.tight_layout()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def secure_aggregation_text(summary: dict) -> list[str]:
+    """What SecAgg+ changed about the round's guarantees, in the words a reader of the report needs."""
+    rounds = [e for e in summary.get("rounds") or [] if (e.get("aggregate") or {}).get("secure_aggregation")]
+    if not rounds:
+        return []
+    sa = (summary.get("config") or {}).get("secure-aggregation") or {}
+    clipped = [(float(m["secagg_clipped"]), site, e.get("round")) for e in rounds
+               for site, m in (e.get("train") or {}).items() if isinstance(m, dict) and "secagg_clipped" in m]
+    worst = max(clipped, default=None)
+    text = (f"Secure aggregation (SecAgg+, Flower's protocol) ran in {len(rounds)} round(s): the server unmasked only "
+            "the example-weighted sum of each round's site updates, never one site's update, so the per-site update "
+            "checks (non-finite values, norm outliers) could not run and only the sum was checked. Each site's "
+            f"weighted update was bounded to +-{sa.get('clipping-range', '?')} per coordinate and quantised to "
+            f"2^{sa.get('quantization-bits', '?')} levels before masking.")
+    if worst is not None:
+        text += (f" Largest share of one site's coordinates clipped by that bound: {worst[0]:.2e} "
+                 f"({worst[1]}, round {worst[2]}).")
+    return [text]

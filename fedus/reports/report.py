@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 from fedus.reports.sections import (CARD_HEAD, NOT_AVAILABLE, PROTOCOL_HEAD, UNSEEN_HEAD, card_rows, cross_site_png,
                                     cross_site_tables, embedding_png, evaluation_from_summary, label_efficiency_png,
                                     protocol_csv_rows, protocol_rows, read_evaluation)
-from fedus.reports.privacy import EpsilonRecord, epsilon_csv_rows, epsilon_png, epsilon_record, epsilon_table, epsilon_text
+from fedus.reports.privacy import (EpsilonRecord, epsilon_csv_rows, epsilon_png, epsilon_record, epsilon_table, epsilon_text,
+                                   secure_aggregation_text)
 from matplotlib.ticker import MaxNLocator
 
 __all__ = ["write_report", "PROBE_METRICS", "SECTIONS"]
@@ -341,7 +342,8 @@ def _markdown(summary: dict, rows: list[dict], evaluation: dict | None, png_name
               "## Epsilon per round", "", *[f"{_md_cell(t)}\n" for t in epsilon_text(eps)],
               *([img("epsilon_png", "cumulative epsilon per round"), "", _md_table(*epsilon_table(eps)), ""]
                 if eps.spent else []),
-              "## Privacy and update validation", "", table(PRIVACY_HEAD, _privacy_rows(summary)), "",
+              "## Privacy and update validation", "", *[f"{_md_cell(t)}\n" for t in secure_aggregation_text(summary)],
+              table(PRIVACY_HEAD, _privacy_rows(summary)), "",
               "## Data cards", "", table(CARD_HEAD, card_rows(summary)), "",
               "## Embeddings (t-SNE)", "", img("embedding_png", "t-SNE of held-out embeddings"), "",
               "## How to read this", "", HOW_TO_READ, ""]
@@ -422,7 +424,8 @@ def _html(summary: dict, rows: list[dict], evaluation: dict | None, pngs: dict[s
         + sec("Per-round curves", img("per_round_png", "per-round curves", NOT_AVAILABLE))
         + sec("Epsilon per round", "".join(f"<p>{e(t)}</p>" for t in epsilon_text(eps))
               + (img("epsilon_png", "cumulative epsilon per round") + _html_table(*epsilon_table(eps)) if eps.spent else ""))
-        + sec("Privacy and update validation", table(PRIVACY_HEAD, _privacy_rows(summary)))
+        + sec("Privacy and update validation", "".join(f"<p>{e(t)}</p>" for t in secure_aggregation_text(summary))
+              + table(PRIVACY_HEAD, _privacy_rows(summary)))
         + sec("Data cards", table(CARD_HEAD, card_rows(summary)))
         + sec("Embeddings (t-SNE)", img("embedding_png", "t-SNE of held-out embeddings"))
         + sec("How to read this", f"<p>{e(HOW_TO_READ)}</p>")
