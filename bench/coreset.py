@@ -12,11 +12,13 @@ paired difference coreset - random.
 
 Cases: teacher = `random` (seeded random-init ViT-Ti, as the tests use) or `fitted`
 (a ResNet-18 stand-in teacher fitted here on the pooled training splits, as the demo
-does; not a foundation model); data = `clean` (the synthetic generator's images) or
-`planted` (plus duplicates and saturated / blank / noise frames, fedus.coreset.planted).
+does; not a foundation model); data = `clean` (the synthetic generator's images),
+`planted` (plus duplicates and saturated / blank / noise frames, fedus.coreset.planted) or
+`cine` (each training image followed by 3 near-identical frames: 1 px shift, noise std 4).
 
     python bench/coreset.py                    # all four cases, 5 seeds (CPU, ~10-30 min on 2 cores)
     python bench/coreset.py --cases random:clean --seeds 3
+    python bench/coreset.py --cases fitted:clean --centres 3 --images-per-centre 300 --steps 60 --out ...
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import machine, write_result  # noqa: E402
 from fedus.config import RunConfig  # noqa: E402
 from fedus.coreset import plan_budget  # noqa: E402
-from fedus.coreset.planted import plant  # noqa: E402
+from fedus.coreset.planted import add_cine_frames, plant  # noqa: E402
 from fedus.coreset.scores import histogram  # noqa: E402
 from fedus.data.synthetic import write_synthetic_corpus  # noqa: E402
 from fedus.site import Site, derived_seed, initial_student, pick_device  # noqa: E402
@@ -43,7 +45,7 @@ from fedus.teacher_fit import fit_teacher  # noqa: E402
 SETTINGS = dict(image_size=32, centres=2, images_per_centre=100, student="resnet10t", head_hidden=128,
                 batch_size=16, steps=30, lr=1e-3, fit_steps=300, fit_lr=1e-3)
 TEACHERS = {"random": ("vit_tiny_patch16_224", "2"), "fitted": ("resnet18", "2,")}
-CASES = ["random:clean", "fitted:clean", "random:planted", "fitted:planted"]
+CASES = ["random:clean", "fitted:clean", "random:planted", "fitted:planted"]  # also: fitted:cine
 
 
 def config(p: dict, manifest: Path, teacher: str, seed: int, budget: float, weights: str = "") -> RunConfig:
@@ -61,8 +63,12 @@ def held_out_cos(sites: list[Site], states: list[dict]) -> float:
     return sum(s["cos"] * s["num-examples"] for s in scores) / sum(s["num-examples"] for s in scores)
 
 
-def run_seed(cfg: RunConfig, with_planted: bool) -> dict:
+def run_seed(cfg: RunConfig, data: str) -> dict:
     sites = [Site(cfg, i) for i in range(cfg.data.synthetic_centres)]
+    if data == "cine":
+        for site in sites:
+            add_cine_frames(site.data.train, cfg.seed)
+    with_planted = data == "planted"
     kinds = [np.array(plant(site.data.train, cfg.seed)) if with_planted else None for site in sites]
     start = initial_student(cfg).state_dict()
     scored = [site.coreset_scores(start, 1) for site in sites]
@@ -99,9 +105,13 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=CASES, help="teacher:data, teacher in random/fitted, data in clean/planted")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=0.2)
+    ap.add_argument("--centres", type=int, default=SETTINGS["centres"])
+    ap.add_argument("--images-per-centre", type=int, default=SETTINGS["images_per_centre"])
+    ap.add_argument("--steps", type=int, default=SETTINGS["steps"], help="local steps of each training run")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    p, device, t0 = dict(SETTINGS), pick_device(), time.perf_counter()
+    p = dict(SETTINGS) | {"centres": args.centres, "images_per_centre": args.images_per_centre, "steps": args.steps}
+    device, t0 = pick_device(), time.perf_counter()
     results, teacher_source = {}, {"random": "random init (seeded); agreement with this teacher, not a foundation model"}
     with tempfile.TemporaryDirectory() as tmp:
         manifest = write_synthetic_corpus(Path(tmp), p["centres"], p["images_per_centre"], p["image_size"], seed=0)
@@ -115,7 +125,7 @@ def main() -> None:
             rows = []
             for seed in range(args.seeds):
                 cfg = config(p, manifest, teacher, seed, args.budget, weights if teacher == "fitted" else "")
-                rows.append(run_seed(cfg, data == "planted"))
+                rows.append(run_seed(cfg, data))
                 print(case, rows[-1], flush=True)
             results[case] = {"figures": summary(rows), "rows": rows}
     cfg = config(p, Path("synthetic"), "random", 0, args.budget)
@@ -131,7 +141,8 @@ def main() -> None:
         "data": (f"fedus synthetic B-mode generator, {p['centres']} centres x {p['images_per_centre']} images, "
                  f"{p['image_size']} px, corpus seed 0; per-site grouped train/test split (test fraction "
                  f"{cfg.data.test_fraction}); held-out cosine on each site's test split; 'planted' adds 9 copies "
-                 f"of 3 images and 3 saturated, 3 blank, 3 noise frames to each site's training split"),
+                 f"of 3 images and 3 saturated, 3 blank, 3 noise frames to each site's training split; 'cine' follows "
+                 f"each training image with 3 near-identical frames (1 px shift, grey-level noise std 4)"),
         "seed": "per row: run seed (student init, k-means, warm-up, training order, random subset)",
         "cases": results, "wall_s": round(time.perf_counter() - t0, 1),
     }

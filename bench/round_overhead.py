@@ -13,13 +13,16 @@ alone). Overhead = what the phases took beyond the slower site's own work:
 
 i.e. Flower's message path (SuperLink, SuperNode, HTTP polling, object
 push/pull), a fresh `flwr-clientapp` process per message (Python + torch
-import), (de)serialisation; the server's aggregation + checkpoint is reported
+import; each reply's `startup_seconds` measures it: the process's age when
+the handler began, reported as `startup_s` per round, slower site per phase),
+(de)serialisation; the server's aggregation + checkpoint is reported
 apart (round_wall - train_wall - eval_wall). Bytes: the students as sent
 (`bytes_up`/`bytes_down` in the record, payload only) and the SuperLink's own
 Fleet traffic count for the run (objects and messages, eval included).
 
     python bench/round_overhead.py                   # ~30-40 min on 2 busy cores
     python bench/round_overhead.py --only tiny       # the fixed overhead alone
+    python bench/round_overhead.py --only tiny --student vit_tiny_patch16_224 --out ...
 """
 
 from __future__ import annotations
@@ -160,6 +163,11 @@ def _round_rows(summary: dict) -> list[dict]:
             "site_train_seconds": {s: round(m["train_seconds"], 2) for s, m in train.items()},
             "site_step_seconds": {s: round(m["seconds"], 2) for s, m in train.items()},
             "site_eval_seconds": {s: round(m["eval_seconds"], 2) for s, m in ev.items()},
+            # of the overhead: the fresh ClientApp process's start (spawn, imports, app load) before each handler
+            "site_startup_seconds": {p: {s: round(m.get("startup_seconds", 0.0), 2) for s, m in d.items()}
+                                     for p, d in (("train", train), ("eval", ev))},
+            "startup_s": round(max(m.get("startup_seconds", 0.0) for m in train.values())
+                               + max(m.get("startup_seconds", 0.0) for m in ev.values()), 2),
             "overhead_s": round(overhead, 2), "overhead_share": round(overhead / agg["round_wall_s"], 3),
             "train_phase_overhead_share": round((agg["train_wall_s"] - work_train) / agg["train_wall_s"], 3),
             "bytes_up_per_site": agg["bytes_up"] // n, "bytes_down_per_site": agg["bytes_down"] // n,
@@ -211,7 +219,7 @@ def run_setting(student: str, work: str, dtype: str, rounds: int, env: dict, sta
         out |= {
             "rounds_detail": rows,
             "mean": {k: round(sum(r[k] for r in rows) / len(rows), 3) for k in
-                     ("round_wall_s", "train_wall_s", "eval_wall_s", "overhead_s", "overhead_share",
+                     ("round_wall_s", "train_wall_s", "eval_wall_s", "overhead_s", "startup_s", "overhead_share",
                       "train_phase_overhead_share", "server_aggregate_checkpoint_s")},
             "site_work_mean_s": {k: round(sum(max(r[f"site_{k}_seconds"].values()) for r in rows) / len(rows), 2)
                                  for k in ("train", "step", "eval")},
@@ -229,10 +237,11 @@ def run_setting(student: str, work: str, dtype: str, rounds: int, env: dict, sta
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=sorted(WORK), default=None, help="run only this work setting")
+    ap.add_argument("--student", choices=sorted(STUDENTS), default=None, help="run only this student")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep", type=Path, default=None, help="work in this (new) folder and keep its logs")
     args = ap.parse_args()
-    plan = [p for p in PLAN if args.only in (None, p[1])]
+    plan = [p for p in PLAN if args.only in (None, p[1]) and args.student in (None, p[0])]
     load_before = list(os.getloadavg())
     results: list[dict] = []
     error = None
@@ -278,7 +287,8 @@ def main() -> None:
             return None
         return {"round_wall_s": r["mean"]["round_wall_s"], "site_train_s": r["site_work_mean_s"]["train"],
                 "site_step_s": r["site_work_mean_s"]["step"], "site_eval_s": r["site_work_mean_s"]["eval"],
-                "overhead_s": r["mean"]["overhead_s"], "overhead_share": r["mean"]["overhead_share"],
+                "overhead_s": r["mean"]["overhead_s"], "startup_s": r["mean"]["startup_s"],
+                "overhead_share": r["mean"]["overhead_share"],
                 "train_phase_overhead_share": r["mean"]["train_phase_overhead_share"],
                 "bytes_up_per_site_per_round": r["bytes_up_per_site_per_round"], "failed": r.get("error")}
 

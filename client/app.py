@@ -1,6 +1,9 @@
 """fedus ClientApp: a site distils (train) and evaluates (evaluate) the global student, and
 scores its images for coreset selection (query; only a histogram and a count go back).
 
+With `secure-aggregation.enabled` the train messages follow Flower's SecAgg+ protocol
+(`secure_aggregation_mod`): the site sends its update masked, the server sees only the sum.
+
 Which site this node is comes from Flower's node_config: `partition-id` in
 simulation (index into the sorted site list), or `site-name` + `data-path`
 (the site's own manifest) in deployment.
@@ -24,6 +27,7 @@ from client.replies import as_fitres, build_reply, site_facts
 from fedus.config import RunConfig
 from fedus.coreset import SiteScores, histogram, suppress_small_bins
 from fedus.privacy import PrivacyLedger
+from fedus.processes import process_age
 from fedus.site import Site, get_site
 from fedus.transfer import INT8_DELTA, TRANSFER_KEY, decode, encode, encode_delta, nbytes
 from server.central_dp import KEY_BELOW_CLIP, KEY_CLIPPING_NORM, clip_and_flag
@@ -90,11 +94,13 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
 
 @app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
+    startup = process_age()  # before this node's site is built: the message's process start-up only
     site, config, dtype, sent = received(msg, context)
     rounds = int(config["rounds"]) if "rounds" in config else None  # the server's clock (server/app.py sends it)
     ledger, budget = site_privacy(site, context)
     subset = coreset_subset(site, context, config, sent)
     state, metrics = site.train(sent, int(config["server-round"]), rounds, ledger, budget, subset=subset)
+    metrics = metrics | {"startup_seconds": startup}
     expected = {k: v.shape for k, v in sent.items()}
     if state is not None and KEY_CLIPPING_NORM in config:  # central DP, client side: the update is clipped here
         state, below = clip_and_flag(state, sent, float(config[KEY_CLIPPING_NORM]))
@@ -172,8 +178,9 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    startup = process_age()
     site = site_for(context)
     state = decode(msg.content["arrays"].to_torch_state_dict(), str(msg.content["config"].get(TRANSFER_KEY, "fp32")))
     scores = site.evaluate(state, int(msg.content["config"]["server-round"]))
-    common = {k: scores.pop(k) for k in ("cos", "mse", "num-examples", "eval_seconds")}
+    common = {k: scores.pop(k) for k in ("cos", "mse", "num-examples", "eval_seconds")} | {"startup_seconds": startup}
     return build_reply(msg, common, site_facts(site.name, site.describe()), site_scores=scores)

@@ -41,11 +41,12 @@ TRAIN_METRICS = frozenset({
     "num-examples", "loss_before", "loss_after", "examples_seen", "steps", "seconds", "images_per_s",
     "progress_end", "target_cache_hit_rate", "target_cache_filled", "bytes_sent", "coreset_kept",
     "coreset_threshold", KEY_BELOW_CLIP, "train_seconds",
+    "startup_seconds",  # this ClientApp process's age when the message reached it (deployment: its start-up)
     # DP-SGD and the site's ledger (fedus/site.py: charge, privacy_plan)
     "dp_steps", "noise_multiplier", "sample_rate", "max_grad_norm", "refused", "refusal_code",
     "epsilon_round", "epsilon_total", "epsilon_projected", "epsilon_budget", "delta",
     "secagg_clipped"})  # secure aggregation: share of the update's coordinates clipped before quantisation
-EVAL_METRICS = frozenset({"cos", "mse", "num-examples", "eval_seconds"})  # *_seconds: the site's own work time
+EVAL_METRICS = frozenset({"cos", "mse", "num-examples", "eval_seconds", "startup_seconds"})  # *_seconds: the site's own work time
 SITE_FACTS = frozenset({"name", "n_train", "n_test", "classes", "has_masks", "data_card"})
 ALLOWED_KEYS: dict[str, tuple[frozenset[str], re.Pattern | None]] = {
     "metrics": (TRAIN_METRICS | EVAL_METRICS, re.compile(rf"train_{_WORD}")),  # loss parts (site_step)

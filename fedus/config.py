@@ -262,7 +262,10 @@ class CoresetConfig(_Section):
     quality_weight: float = Field(1.0, ge=0.0, description="weight of the gradient (quality) rank in the fused score")
     quota: float = Field(0.5, ge=0.0, le=1.0, description="share of a site's kept images spread over its clusters by size")
     duplicate_ratio: float = Field(
-        0.1, ge=0.0, description="nearest neighbour closer than this x the site's median = a duplicate (0 = off)")
+        0.25, ge=0.0, description="closer than this x the site's median distance to its duplicate-neighbours-th "
+        "nearest neighbour = a duplicate (0 = off)")
+    duplicate_neighbours: int = Field(
+        10, ge=1, description="the reference neighbour of duplicate-ratio; above the frames of the longest cine clip")
     bins: int = Field(32, ge=2, le=64, description="fixed histogram bins over [0, 1]: what a site sends")
     min_bin_count: int = Field(
         5, ge=0, description="small-cell suppression: bins of 1..k-1 images are merged before sending (0 = off)")

@@ -45,6 +45,19 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; 0.0 elsewhere). In a deployed site Flower starts a
+    fresh ClientApp process per message, so at the handler's entry this is that message's start-up cost."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def flower_bin(name: str) -> str:
     """Flower's executables next to this interpreter (a venv need not be activated)."""
     candidate = Path(sys.executable).parent / name

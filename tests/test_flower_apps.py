@@ -57,7 +57,7 @@ def test_evaluate_reply_has_common_metrics_and_site_scores(tiny_cfg, task_identi
     msg, _ = _instruction(tiny_cfg, MessageType.EVALUATE, server_round=0)
     reply = client_app(msg, _context(tiny_cfg, partition=1))
     assert not reply.has_error(), reply.error
-    assert set(reply.content["metrics"].keys()) == {"cos", "mse", "num-examples", "eval_seconds"}
+    assert set(reply.content["metrics"].keys()) == {"cos", "mse", "num-examples", "eval_seconds", "startup_seconds"}
     assert {"cls_acc", "seg_dice", "teacher_cls_acc"} <= set(reply.content["site-scores"].keys())
     assert "arrays" not in reply.content
 

@@ -8,9 +8,10 @@ frames end up. Small budgets favour representative images (Sorscher et al. 2022,
 "Beyond neural scaling laws": keep easy prototypes when data are scarce); the
 per-cluster quotas in `scores.select` keep the rarer groups represented.
 
-Duplicates carry no new information however typical they are: an image whose nearest
-neighbour is much closer than the site's typical nearest-neighbour distance is marked
-redundant (SemDeDup-style, Abbas et al. 2023), except the first of each duplicate group.
+Duplicates carry no new information however typical they are: an image much closer to
+another than the site's typical distance to its 10th neighbour is marked redundant
+(SemDeDup-style, Abbas et al. 2023), except the first of each duplicate group; so are
+the other frames of a cine clip, which real exports are full of.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ class FeatureRank:
     redundant: np.ndarray  # bool [N], a later copy of a (near-)duplicate
 
 
-def feature_rank(embeddings: np.ndarray, clusters: int, seed: int, duplicate_ratio: float = 0.1) -> FeatureRank:
+def feature_rank(embeddings: np.ndarray, clusters: int, seed: int, duplicate_ratio: float = 0.25,
+                 duplicate_neighbours: int = 10) -> FeatureRank:
     """Duplicates are found first and left out of the clustering, so the one copy that stays
     is judged among the other images, not next to its own copies."""
     n = len(embeddings)
-    redundant = duplicates(embeddings, duplicate_ratio)
+    redundant = duplicates(embeddings, duplicate_ratio, duplicate_neighbours)
     unique = embeddings[~redundant].astype(np.float64)
     k = max(1, min(clusters, len(unique)))
     from sklearn.cluster import KMeans  # here: scikit-learn costs every ClientApp process start-up
@@ -68,10 +70,13 @@ def feature_rank(embeddings: np.ndarray, clusters: int, seed: int, duplicate_rat
     return FeatureRank(labels, distance, redundant)
 
 
-def duplicates(embeddings: np.ndarray, ratio: float, block: int = 2048) -> np.ndarray:
-    """True for every image but the first whose nearest neighbour lies within `ratio` x the
-    site's median nearest-neighbour distance (exact copies, and near-constant frames).
-    Distances are taken a block of rows at a time, so memory stays O(block x N)."""
+def duplicates(embeddings: np.ndarray, ratio: float, neighbours: int = 10, block: int = 2048) -> np.ndarray:
+    """True for every image but the first of a group lying within `ratio` x the site's median distance
+    to the `neighbours`-th nearest neighbour (exact copies, frames of one cine clip, near-constant frames).
+    The reference is a farther neighbour, not the nearest: where most images come in clips, the nearest
+    neighbour is a sibling frame, and a rule relative to it would call no frame a duplicate. Clips
+    longer than `neighbours` frames need a larger value. Distances are taken a block of rows at a
+    time, so memory stays O(block x N)."""
     n = len(embeddings)
     if n < 3 or ratio <= 0:
         return np.zeros(n, bool)
@@ -83,8 +88,9 @@ def duplicates(embeddings: np.ndarray, ratio: float, block: int = 2048) -> np.nd
         d[idx, idx + start] = float("inf")
         return d
 
-    nearest = torch.cat([rows(s).min(1).values for s in range(0, n, block)])
-    radius = ratio * nearest.median().item()
+    k = min(max(1, neighbours), n - 1)
+    kth = torch.cat([rows(s).topk(k, dim=1, largest=False).values[:, -1] for s in range(0, n, block)])
+    radius = ratio * kth.median().item()
     redundant = np.zeros(n, bool)
     for start in range(0, n, block):
         close = (rows(start) <= radius).numpy()

@@ -1,6 +1,7 @@
 """Planted junk, to check that a selection drops it: extra copies of some images, and
-saturated, blank and noise frames (what a scanner export also contains). Used by the
-coreset test and benchmark; the kinds are returned so a check can name what was kept."""
+saturated, blank and noise frames (what a scanner export also contains); and cine-like
+redundancy (each image followed by a few near-identical frames, as exported clips are).
+Used by the coreset test and benchmark; the kinds are returned so a check can name what was kept."""
 
 from __future__ import annotations
 
@@ -33,4 +34,27 @@ def plant(dataset, seed: int, per_kind: int = 3) -> list[str]:
     dataset.masks = torch.cat([dataset.masks, dataset.masks.new_zeros((extra, *dataset.masks.shape[1:]))])
     dataset.has_mask = torch.cat([dataset.has_mask, torch.zeros(extra, dtype=torch.bool)])
     dataset.labels = torch.cat([dataset.labels, torch.full((extra,), -1, dtype=torch.long)])
+    return kinds
+
+
+def add_cine_frames(dataset, seed: int, frames: int = 4, noise: float = 4.0) -> list[str]:
+    """Turn each training image into a short clip in place: it is followed by `frames` - 1 copies
+    shifted by up to one pixel sideways with Gaussian grey-level noise (std `noise`), same mask and
+    label, as consecutive frames of a cine export are. Returns the kind of every image."""
+    g = torch.Generator().manual_seed(seed)
+    raw = dataset.images
+    out, kinds = [], []
+    for i in range(len(raw)):
+        out.append(raw[i])
+        kinds.append("clean")
+        for _ in range(frames - 1):
+            shift = int(torch.randint(-1, 2, (1,), generator=g))
+            frame = torch.roll(raw[i].float(), shift, dims=-1) + noise * torch.randn(raw[i].shape, generator=g)
+            out.append(frame.round().clamp(0, 255).to(torch.uint8))
+            kinds.append("cine")
+    repeat = torch.full((len(raw),), frames)
+    dataset.images = torch.stack(out)
+    dataset.masks = dataset.masks.repeat_interleave(repeat, 0)
+    dataset.has_mask = dataset.has_mask.repeat_interleave(repeat, 0)
+    dataset.labels = dataset.labels.repeat_interleave(repeat, 0)
     return kinds

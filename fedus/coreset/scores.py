@@ -132,7 +132,8 @@ def score_site(student: Student, teacher: Teacher, raw: torch.Tensor, cfg: Cores
     """Both ranks of a site's training images (uint8 [N,H,W]) with the current global student;
     the quality rank with the run's loss mix `distill` at the run's `progress`."""
     start = time.perf_counter()
-    ranks = feature_rank(teacher_embeddings(teacher, raw, batch_size, device), cfg.clusters, seed, cfg.duplicate_ratio)
+    ranks = feature_rank(teacher_embeddings(teacher, raw, batch_size, device), cfg.clusters, seed, cfg.duplicate_ratio,
+                         cfg.duplicate_neighbours)
     mean, var = warmup_grad_stats(student, teacher, raw, cfg.warmup_steps, lr, weight_decay, batch_size, seed,
                                   device, precision, distill, progress)
     scores = fuse(ranks.distance, ranks.redundant, mean, var, cfg.feature_weight, cfg.quality_weight)
