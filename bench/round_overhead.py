@@ -33,6 +33,7 @@ import json
 import os
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,9 +70,10 @@ PLAN = [  # (student, work, wire dtype, rounds): fp32 only where it costs little
 ]
 
 
-def _sets(student: str, work: str, dtype: str) -> list[str]:
+def _sets(student: str, work: str, dtype: str, every: int = 1) -> list[str]:
     values = COMMON | WORK[work][student] | {"student.arch": student, "federation.transfer-dtype": dtype,
-                                            "scenario": f"bench-round-overhead-{student}-{work}-{dtype}"}
+                                            "federation.evaluate-every": every,
+                                            "scenario": f"bench-round-overhead-{student}-{work}-{dtype}-every{every}"}
     return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items()]
 
 
@@ -146,20 +148,21 @@ def _fleet_traffic(db: Path) -> dict:
 
 
 def _round_rows(summary: dict) -> list[dict]:
-    """One row per round that completed (trained, evaluated, timed)."""
+    """One row per round that completed (trained and timed; evaluated unless evaluate-every skipped it)."""
     rows = []
     for e in summary["rounds"]:
         agg, train, ev = e.get("aggregate", {}), e.get("train", {}), e.get("eval", {})
-        if e["round"] < 1 or "round_wall_s" not in agg or not train or not ev:
+        if e["round"] < 1 or "round_wall_s" not in agg or not train:
             continue
         work_train = max(m.get("train_seconds", 0.0) for m in train.values())
-        work_eval = max(m.get("eval_seconds", 0.0) for m in ev.values())
-        overhead = (agg["train_wall_s"] - work_train) + (agg["eval_wall_s"] - work_eval)
+        work_eval = max((m.get("eval_seconds", 0.0) for m in ev.values()), default=0.0)
+        eval_wall = agg.get("eval_wall_s", 0.0) if ev else 0.0
+        overhead = (agg["train_wall_s"] - work_train) + (eval_wall - work_eval)
         n = len(train)
         rows.append({
-            "round": e["round"], "round_wall_s": agg["round_wall_s"], "train_wall_s": agg["train_wall_s"],
-            "eval_wall_s": agg["eval_wall_s"],
-            "server_aggregate_checkpoint_s": round(agg["round_wall_s"] - agg["train_wall_s"] - agg["eval_wall_s"], 3),
+            "round": e["round"], "evaluated": bool(ev), "round_wall_s": agg["round_wall_s"],
+            "train_wall_s": agg["train_wall_s"], "eval_wall_s": eval_wall,
+            "server_aggregate_checkpoint_s": round(agg["round_wall_s"] - agg["train_wall_s"] - eval_wall, 3),
             "site_train_seconds": {s: round(m["train_seconds"], 2) for s, m in train.items()},
             "site_step_seconds": {s: round(m["seconds"], 2) for s, m in train.items()},
             "site_eval_seconds": {s: round(m["eval_seconds"], 2) for s, m in ev.items()},
@@ -167,7 +170,7 @@ def _round_rows(summary: dict) -> list[dict]:
             "site_startup_seconds": {p: {s: round(m.get("startup_seconds", 0.0), 2) for s, m in d.items()}
                                      for p, d in (("train", train), ("eval", ev))},
             "startup_s": round(max(m.get("startup_seconds", 0.0) for m in train.values())
-                               + max(m.get("startup_seconds", 0.0) for m in ev.values()), 2),
+                               + max((m.get("startup_seconds", 0.0) for m in ev.values()), default=0.0), 2),
             "overhead_s": round(overhead, 2), "overhead_share": round(overhead / agg["round_wall_s"], 3),
             "train_phase_overhead_share": round((agg["train_wall_s"] - work_train) / agg["train_wall_s"], 3),
             "bytes_up_per_site": agg["bytes_up"] // n, "bytes_down_per_site": agg["bytes_down"] // n,
@@ -188,14 +191,14 @@ def _superlink_errors(log: Path, offset: int) -> dict[str, int]:
     return out
 
 
-def run_setting(student: str, work: str, dtype: str, rounds: int, env: dict, state: Path) -> dict:
+def run_setting(student: str, work: str, dtype: str, rounds: int, env: dict, state: Path, every: int = 1) -> dict:
     """One `flwr run`; a run that fails still gives the rounds it completed (and their bytes)."""
-    cfg = server_config(None, _sets(student, work, dtype), rounds, len(SITES))
-    run_dir = state / f"{student}-{work}-{dtype}"
+    cfg = server_config(None, _sets(student, work, dtype, every), rounds, len(SITES))
+    run_dir = state / f"{student}-{work}-{dtype}-every{every}"
     link_log = state / "superlink.log"
     offset = link_log.stat().st_size
     began = time.perf_counter()
-    out = {"student": student, "work": work, "transfer_dtype": dtype, "rounds": rounds,
+    out = {"student": student, "work": work, "transfer_dtype": dtype, "rounds": rounds, "evaluate_every": every,
            "local_steps": cfg.train.local_steps, "batch_size": cfg.train.batch_size}
     try:
         submit_run(cfg, env, run_dir, timeout=600 if work == "tiny" else 1500)
@@ -221,7 +224,9 @@ def run_setting(student: str, work: str, dtype: str, rounds: int, env: dict, sta
             "mean": {k: round(sum(r[k] for r in rows) / len(rows), 3) for k in
                      ("round_wall_s", "train_wall_s", "eval_wall_s", "overhead_s", "startup_s", "overhead_share",
                       "train_phase_overhead_share", "server_aggregate_checkpoint_s")},
-            "site_work_mean_s": {k: round(sum(max(r[f"site_{k}_seconds"].values()) for r in rows) / len(rows), 2)
+            # per phase, over the rounds that had it (evaluate-every > 1 leaves rounds without evaluation)
+            "site_work_mean_s": {k: round(statistics.mean(max(r[f"site_{k}_seconds"].values()) for r in rows
+                                                          if r[f"site_{k}_seconds"]), 2)
                                  for k in ("train", "step", "eval")},
         }
     if "error" not in out:
@@ -238,10 +243,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=sorted(WORK), default=None, help="run only this work setting")
     ap.add_argument("--student", choices=sorted(STUDENTS), default=None, help="run only this student")
+    ap.add_argument("--evaluate-every", type=int, nargs="+", default=[1],
+                    help="federation.evaluate-every values, each setting run once per value (side by side)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per run (default: the plan's)")
+    ap.add_argument("--dtype", choices=["fp16", "fp32"], default=None, help="run only this wire dtype")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep", type=Path, default=None, help="work in this (new) folder and keep its logs")
     args = ap.parse_args()
-    plan = [p for p in PLAN if args.only in (None, p[1]) and args.student in (None, p[0])]
+    plan = [p for p in PLAN if args.only in (None, p[1]) and args.student in (None, p[0]) and args.dtype in (None, p[2])]
     load_before = list(os.getloadavg())
     results: list[dict] = []
     error = None
@@ -262,8 +271,9 @@ def main() -> None:
                     register_site(keys / f"{site}.pub", site, env)
                     sites[site] = _start_site(site, manifests[site], settings.port, root, certs, keys)
                 watch.start()
-                for student, work, dtype, rounds in plan:
-                    results.append(run_setting(student, work, dtype, rounds, env, settings.state.resolve()))
+                for (student, work, dtype, rounds), every in ((p, e) for p in plan for e in args.evaluate_every):
+                    results.append(run_setting(student, work, dtype, args.rounds or rounds, env,
+                                               settings.state.resolve(), every))
                     if "exceeded" in results[-1].get("error", ""):  # its ServerApp may still be running: stop here
                         raise RuntimeError(results[-1]["error"])
         except (Exception, KeyboardInterrupt) as err:  # the result records how far it got, and why not further
@@ -281,8 +291,9 @@ def main() -> None:
                 for pid in flower_home_pids(h.resolve())]
     load_after = list(os.getloadavg())
 
-    def headline(student: str, work: str, dtype: str = "fp16") -> dict | None:
-        r = next((r for r in results if (r["student"], r["work"], r["transfer_dtype"]) == (student, work, dtype)), None)
+    def headline(student: str, work: str, dtype: str = "fp16", every: int = 1) -> dict | None:
+        r = next((r for r in results if (r["student"], r["work"], r["transfer_dtype"], r["evaluate_every"])
+                  == (student, work, dtype, every)), None)
         if r is None or "mean" not in r:
             return None
         return {"round_wall_s": r["mean"]["round_wall_s"], "site_train_s": r["site_work_mean_s"]["train"],
@@ -292,7 +303,8 @@ def main() -> None:
                 "train_phase_overhead_share": r["mean"]["train_phase_overhead_share"],
                 "bytes_up_per_site_per_round": r["bytes_up_per_site_per_round"], "failed": r.get("error")}
 
-    figures = {f"{s}/{w}": headline(s, w) for s in STUDENTS for w in WORK}
+    figures = {f"{s}/{w}" + (f"/evaluate-every-{e}" if e != 1 else ""): headline(s, w, every=e)
+               for s in STUDENTS for w in WORK for e in args.evaluate_every}
     for s in STUDENTS:
         b16, b32 = (next((r.get("bytes_up_per_site_per_round") for r in results
                           if (r["student"], r["transfer_dtype"]) == (s, d)), None)
@@ -305,6 +317,7 @@ def main() -> None:
                        "processes (flower-supernode, subprocess isolation: a fresh flwr-clientapp per message), "
                        "`flwr run` per setting; sites OMP_NUM_THREADS=1 (two sites on two cores)"),
         "settings": {"common": COMMON, "work": WORK, "plan": [list(p) for p in PLAN if p in plan], "sites": SITES,
+                     "evaluate_every": args.evaluate_every, "rounds_override": args.rounds,
                      "overhead_definition": "(train_wall - slower site's train_seconds) + (eval_wall - slower site's "
                                             "eval_seconds); share = overhead / round_wall"},
         "provenance": {"teacher": "vit_tiny_patch16_224, random init (no weights): cost only, not a foundation model",

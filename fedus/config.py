@@ -140,6 +140,9 @@ class FederationConfig(_Section):
     robust: Literal["none", "trimmed-mean", "median"] = Field(
         "none", description="aggregation: example-weighted FedAvg, or Flower's coordinate-wise trimmed mean / median")
     trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fraction cut at each end by robust = trimmed-mean")
+    evaluate_every: int = Field(
+        1, ge=1, description="federated evaluation every N rounds (round 0 and the last always): each evaluation is one "
+        "more ClientApp start and student download per site, the largest share of a deployed round's overhead")
     max_norm_ratio: float = Field(
         10.0, ge=0, description="reject an update whose norm exceeds this x the round's median (>= 3 sites; 0 = off)")
     transfer_dtype: Literal["fp16", "bf16", "fp32", "int8-delta"] = Field(

@@ -155,7 +155,8 @@ def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, rounds: int,
         except (OSError, ValueError):
             return
         for entry in summary.get("rounds", []):
-            if entry["round"] not in told and "eval" in entry and (line := round_line(summary, entry["round"])):
+            finished = "eval" in entry or "round_wall_s" in entry.get("aggregate", {})  # (evaluate-every > 1)
+            if entry["round"] not in told and finished and (line := round_line(summary, entry["round"])):
                 told.add(entry["round"])
                 bar.note(line)
 

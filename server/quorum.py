@@ -54,6 +54,9 @@ class QuorumGrid(Grid):
 
         Only successful replies count towards the quorum: a site's error reply is an answer,
         not a contribution. Replies that arrive after the round closed are never pulled."""
+        messages = list(messages)
+        if not messages:  # e.g. a round without federated evaluation
+            return []
         pending = set(self.grid.push_messages(messages))
         asked = len(pending)
         need = min(self.quorum, asked)

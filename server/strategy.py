@@ -166,8 +166,15 @@ class FedusFedAvg(FedAvg):
             "total": plan.total, "sites_replied": len(replies)})
         return plan.threshold, {r.metadata.src_node_id: k for r, k in zip(replies, plan.keep)}
 
+    def evaluates(self, server_round: int) -> bool:
+        """Federated evaluation in this (true) round: round 0 and the last always, else every `evaluate-every`."""
+        return server_round <= 0 or server_round >= self.cfg.rounds or server_round % self.cfg.federation.evaluate_every == 0
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.began["eval"] = time.monotonic()
+        if not self.evaluates(server_round + self.offset):
+            self.asked["eval"] = 0
+            return []
         messages = list(super().configure_evaluate(server_round + self.offset, *self.on_the_wire(arrays, config), grid))
         self.asked["eval"] = len(messages)
         return messages
@@ -314,6 +321,11 @@ class FedusFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         now = time.monotonic()
+        if not self.evaluates(server_round + self.offset):  # no evaluation this round: its wall time only
+            if "train" in self.began:
+                self.recorder.record_counts(server_round + self.offset,
+                                            {"round_wall_s": round(now - self.began["train"], 3)})
+            return None
         replies = self._per_site(server_round + self.offset, "eval", replies)
         walls = {"eval_wall_s": round(now - self.began["eval"], 3) if "eval" in self.began else 0}
         if server_round > 0 and "train" in self.began:  # configure_train -> every eval reply in (with aggregation)

@@ -178,3 +178,32 @@ def test_coreset_query_sends_only_a_histogram_and_train_keeps_its_share(tiny_cfg
     train.content["config"]["coreset-threshold"], train.content["config"]["coreset-keep"] = 0.5, 5
     metrics = dict(client_app(train, context).content["metrics"])
     assert metrics["coreset_kept"] == 5 and metrics["num-examples"] == 5
+
+
+def test_evaluate_every_skips_federated_evaluation_between_rounds(tiny_cfg, task_identity, tmp_path):
+    """federation.evaluate-every = 2 over 3 rounds: evaluation at rounds 0, 2 and 3 (the last) only, so round 1
+    costs each site one message instead of two; its wall time is still recorded. The real ServerApp main and
+    ClientApp, in one process (tests/loopback.py)."""
+    import json
+
+    from server.app import main as server_main
+    from tests.loopback import LoopbackGrid
+
+    cfg = tiny_cfg.with_overrides([f'run-dir="{tmp_path / "run"}"', "rounds=3", "federation.evaluate-every=2",
+                                   "federation.min-sites=2", 'eval.probe-rounds=""'])
+    contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": i, "num-partitions": 2},
+                           state=RecordDict(), run_config=cfg.to_flat()) for i, n in enumerate((21, 22))}
+    grid = LoopbackGrid(client_app, contexts)
+    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flat()))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    rounds = {e["round"]: e for e in summary["rounds"]}
+    assert summary["status"] == "completed" and sorted(rounds) == [0, 1, 2, 3]
+    assert [r for r in rounds if "eval" in rounds[r]] == [0, 2, 3]
+    assert all(len(rounds[r]["eval"]) == 2 for r in (0, 2, 3))
+    assert all(len(rounds[r]["train"]) == 2 and rounds[r]["aggregate"]["round_wall_s"] > 0 for r in (1, 2, 3))
+    kinds = [m.metadata.message_type for m in grid.received]
+    assert kinds.count(MessageType.EVALUATE) == 6 and kinds.count(MessageType.TRAIN) == 6
+    from fedus.reports.report import write_report
+
+    write_report(tmp_path / "run")  # per-round curves with a round that has no evaluation
+    assert "round" in (tmp_path / "run" / "report" / "rounds.csv").read_text()

@@ -1,8 +1,6 @@
 """SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod) for fedus students, in one process.
 
-The real ServerApp main and the real ClientApp run against `LoopbackGrid`, Flower's Grid
-interface delivering each message to the ClientApp of its node (one Context per node, as
-a SuperNode keeps it). Nothing of the protocol is replaced: key agreement, shares, masks,
+The real ServerApp main and the real ClientApp run against `LoopbackGrid` (tests/loopback.py). Nothing of the protocol is replaced: key agreement, shares, masks,
 unmasking are Flower's; training, egress and the run record are fedus's. The grid keeps
 every reply the server received, so the test can look at all the server ever held.
 """
@@ -10,18 +8,14 @@ every reply the server received, so the test can look at all the server ever hel
 from __future__ import annotations
 
 import json
-from copy import deepcopy
 from pathlib import Path
-from types import SimpleNamespace
-from uuid import uuid4
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.serverapp import Grid
 
 import client.app as client_module
 from client.replies import allowed_key
@@ -31,54 +25,7 @@ from fedus.transfer import decode, encode
 from server.app import main as server_main
 from server.strategy import SECURE_SITE_KEY
 from tests.conftest import TINY
-
-
-class LoopbackGrid(Grid):
-    """Each pushed message is handled at once by its node's ClientApp; `lost(msg)` decides which
-    replies never come back (a site that died mid-protocol)."""
-
-    def __init__(self, app, contexts: dict[int, Context], lost=lambda msg: False):
-        self.app, self.contexts, self.lost = app, contexts, lost
-        self.replies: dict[str, Message] = {}
-        self.received: list[Message] = []  # everything the server was ever handed
-
-    run = SimpleNamespace(run_id=1)
-
-    def set_run(self, run) -> None:
-        pass
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def get_nodes(self):
-        return []
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid4().hex
-            msg.metadata.__dict__["_src_node_id"] = 1
-            # a copy, as the wire would deliver it (Flower's mod pops from the config it is given)
-            delivered = Message(deepcopy(msg.content), msg.metadata.dst_node_id, msg.metadata.message_type,
-                                group_id=msg.metadata.group_id)
-            delivered.metadata.__dict__.update(_message_id=msg.metadata.message_id, _src_node_id=1)
-            reply = self.app(delivered, self.contexts[msg.metadata.dst_node_id])
-            reply = Message(deepcopy(reply.content), reply_to=delivered) if not reply.has_error() else reply
-            if not self.lost(msg):
-                self.replies[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        out = [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-        self.received += out
-        return out
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
+from tests.loopback import LoopbackGrid
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 Entry = tuple[float, float, int]
 
@@ -24,6 +22,8 @@ def epsilon(history: Sequence[Entry], delta: float, mechanism: str = "rdp") -> f
     """(epsilon, delta)-DP guarantee of everything in `history` (0 for an empty history)."""
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant  # lazy: see fedus/privacy/dp_sgd.py
+
     accountant = create_accountant(mechanism)
     accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
     return float(accountant.get_epsilon(delta=delta))
@@ -31,5 +31,7 @@ def epsilon(history: Sequence[Entry], delta: float, mechanism: str = "rdp") -> f
 
 def noise_for_round(target_epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str = "rdp") -> float:
     """Noise multiplier that makes one round (alone) reach `target_epsilon`."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant=mechanism))

@@ -14,9 +14,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fedus.config import ConfigError, DistillConfig, TrainConfig
@@ -56,6 +53,12 @@ class PrivateTraining:
                  seed: int, device: torch.device, num_workers: int = 0):
         self.plan = plan
         self.student = student
+        # here, not at module level: Opacus (and the scipy it pulls) costs ~1 s in every ClientApp process,
+        # and a deployed site starts one per message, DP or not
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
         self.module = GradSampleModule(student, loss_reduction="mean", strict=True)
         noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
