@@ -126,12 +126,15 @@ def secure_reply(msg: Message, site: Site, sent: dict[str, torch.Tensor], state:
     of coordinates the quantiser will clip at its range, so a run can see it is set too tight."""
     update = {k: (state[k] - v if state is not None else torch.zeros_like(v)) if v.is_floating_point()
               else torch.zeros_like(v) for k, v in sent.items()}
-    ratio = float(metrics.get("num-examples", 0)) / float(config[MAX_WEIGHT_KEY])
+    weight = float(metrics.get("num-examples", 0))
+    if KEY_CLIPPING_NORM in config:  # central DP: the uniform mean of clipped updates, so weight 1 (0 if refused)
+        weight = float(state is not None)
+    ratio = weight / float(config[MAX_WEIGHT_KEY])
     limit = float(config[CLIP_KEY])
     clipped = sum(int((v.abs() * ratio > limit).sum()) for v in update.values())
     metrics = metrics | {"secagg_clipped": clipped / max(1, sum(v.numel() for v in update.values()))}
     reply = build_reply(msg, metrics, site_facts(site.name, site.describe()), update, {k: v.shape for k, v in sent.items()})
-    return as_fitres(msg, reply, str(config[KEYS_KEY]).split("\n"))
+    return as_fitres(msg, reply, str(config[KEYS_KEY]).split("\n"), int(weight))
 
 
 def upload_delta(new: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],

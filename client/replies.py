@@ -202,13 +202,13 @@ def _audit(content: RecordDict) -> None:
                 raise EgressViolation(f"'{name}.{key}' has a value of a type that may not leave")
 
 
-def as_fitres(msg: Message, reply: Message, keys: list[str]) -> Message:
+def as_fitres(msg: Message, reply: Message, keys: list[str], weight: int) -> Message:
     """A built (so audited) train reply repacked as Flower's legacy FitRes, the form SecAgg+'s mod
-    quantises and masks: the update in `keys` order, the example count as its weight, the metrics
-    and the site's name. Nothing is added; the site's other facts stay home."""
+    quantises and masks: the update in `keys` order, its `weight` in the sum (the example count, or
+    1 under central DP), the metrics and the site's name. Nothing is added; the site's other facts stay home."""
     content = reply.content
     state = content["arrays"].to_torch_state_dict()
     metrics = dict(content["metrics"]) | {SECURE_SITE_KEY: str(content[SITE_RECORD]["name"])}
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([state[k].numpy() for k in keys]),
-                 int(metrics.get("num-examples", 0)), metrics)
+                 weight, metrics)
     return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)

@@ -231,7 +231,8 @@ class SecureAggregationConfig(_Section):
     """SecAgg+ (Flower's SecAggPlusWorkflow; server/secure_aggregation.py): each site sends its update
     quantised and masked, the server can unmask only the sum of at least `reconstruction-threshold`
     sites, never one site's update. So what needs one site's update cannot run at the server: robust
-    aggregation, update validation (`federation.max-norm-ratio`) and central DP are refused or skipped."""
+    aggregation, update validation (`federation.max-norm-ratio`) and server-side or adaptive central DP
+    are refused or skipped. Central DP `client-fixed` works: sites clip and weigh 1, the server noises the mean."""
 
     enabled: bool = False
     num_shares: float = Field(
@@ -341,8 +342,9 @@ class RunConfig(_Section):
         if self.secure_aggregation.enabled:  # the server holds only the sum: nothing per site can run there
             if self.federation.robust != "none":
                 raise ValueError("secure-aggregation gives the server only the sum of the updates: set federation.robust = 'none'")
-            if self.central_dp.mode != "off":
-                raise ValueError("secure-aggregation does not combine with central-dp in fedus yet: set central-dp.mode = 'off'")
+            if self.central_dp.mode not in ("off", "client-fixed"):  # the others clip or count at the server
+                raise ValueError("secure-aggregation combines with central-dp.mode = 'client-fixed' only (sites clip, "
+                                 "the server noises the sum); set that or 'off'")
             if self.federation.transfer_dtype not in ("fp16", "fp32"):  # the legacy path carries numpy arrays
                 raise ValueError("secure-aggregation quantises the update itself and sends numpy arrays: "
                                  "set federation.transfer-dtype = 'fp16' or 'fp32'")

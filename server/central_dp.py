@@ -19,6 +19,7 @@ by (run seed, round), and the accountant's state (and the adaptive C) is checkpo
 The noise is calibrated for exactly `sampled-sites` updates per round: a round
 with fewer usable replies is not released (the previous global model stays),
 and a federation that samples a different number of sites refuses to start.
+With secure aggregation (client-fixed only) the server noises the unmasked uniform mean (`release_mean`).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class CentralDP:
         `below`: client-adaptive, each site's bit (its update norm was <= the C it was sent)."""
         if len(updates) != self.sites or self.accountant is None:
             return None
-        c, z = self.clipping_norm, self.cfg.noise_multiplier
+        c = self.clipping_norm
         norms = [update_norm(u, base) for u in updates]
         if not self.client_side:
             updates, below = (list(x) for x in zip(*(clip_and_flag(u, base, c) for u in updates)))
@@ -127,22 +128,37 @@ class CentralDP:
             return None
         if self.cfg.adaptive and (below is None or len(below) != self.sites or any(b not in (0, 1) for b in below)):
             return None  # a client-adaptive site without its bit: C cannot be updated as accounted
-        keys = float_keys(base)
+        mean = {k: sum(u[k].float() - base[k].float() for u in updates) / self.sites for k in float_keys(base)}
+        release = self.noised(server_round, base, mean)
+        release.facts["central_dp_clipped_sites"] = sum(n > c for n in norms)
+        if self.cfg.adaptive:
+            release.facts |= self.adapt(server_round, [int(b) for b in below])
+        return release
+
+    def release_mean(self, server_round: int, base: dict[str, torch.Tensor], mean: dict[str, torch.Tensor],
+                     contributed: int) -> Release | None:
+        """Under secure aggregation: the noised uniform mean of `contributed` site-clipped updates, which the
+        server only ever sees summed (client-fixed mode; it cannot check one site's norm, SecAgg+ bounds
+        each coordinate). None when the round cannot be released as calibrated."""
+        if contributed != self.sites or self.accountant is None or not self.client_side or self.cfg.adaptive:
+            return None
+        return self.noised(server_round, base, {k: mean[k].float() for k in float_keys(base)})
+
+    def noised(self, server_round: int, base: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> Release:
+        """base + mean update + Gaussian noise (std z C / sites, seeded by run seed and round), composed
+        into the accountant."""
+        c, z = self.clipping_norm, self.cfg.noise_multiplier
         std = compute_stdv(self.update_multiplier, c, self.sites)
         rng = np.random.default_rng(derived_seed(self.seed, server_round, "central-dp"))
         state = dict(base)
-        for k in keys:
-            mean = sum(u[k].float() - base[k].float() for u in updates) / self.sites
+        for k in float_keys(base):
             noise = torch.from_numpy(rng.normal(0.0, std, size=tuple(base[k].shape)).astype(np.float32))
-            state[k] = (base[k].float() + mean + noise).to(base[k].dtype)
+            state[k] = (base[k].float() + mean[k] + noise).to(base[k].dtype)
         self.accountant.compose(GaussianPrivacyEvent(noise_multiplier=z, sample_size=self.sites,
                                                      population_size=self.accountant.config.population_size))
         spent = self.accountant.get_privacy_spent()
-        facts = {"central_dp_epsilon": spent.epsilon, "central_dp_delta": spent.delta, "central_dp_noise_std": std,
-                 "central_dp_clipped_sites": sum(n > c for n in norms)}
-        if self.cfg.adaptive:
-            facts |= self.adapt(server_round, [int(b) for b in below])
-        return Release(state, facts)
+        return Release(state, {"central_dp_epsilon": spent.epsilon, "central_dp_delta": spent.delta,
+                               "central_dp_noise_std": std})
 
     def adapt(self, server_round: int, below: list[int]) -> dict[str, float]:
         """Andrew et al.'s geometric step of C towards the target quantile, from the noised count of

@@ -69,7 +69,10 @@ class _Instructions(Strategy):
 
 
 def max_weight(strategy: FedusFedAvg) -> float:
-    """`secure-aggregation.max-weight`, or the largest training set the sites reported (round 0)."""
+    """`secure-aggregation.max-weight`, or the largest training set the sites reported (round 0); 1 under
+    central DP, where every site weighs 1 (the noise is calibrated for the uniform mean)."""
+    if strategy.central_dp is not None:
+        return 1.0
     set_value = strategy.cfg.secure_aggregation.max_weight
     if set_value:
         return set_value

@@ -297,6 +297,15 @@ class FedusFedAvg(FedAvg):
             log(WARNING, "round %s: the unmasked sum is not a finite update of the student: not aggregated", server_round)
             self.recorder.record_counts(server_round, {"secure_sum_rejected": 1})
             return None
+        if self.central_dp is not None:  # client-fixed: every site clipped and weighed 1; noise on the mean
+            out = self.central_dp.release_mean(server_round, base, mean_update, contributed)
+            if out is None:
+                log(WARNING, "round %s: central DP not released (%s sites contributed, noise calibrated for %s)",
+                    server_round, contributed, self.central_dp.sites)
+                self.recorder.record_counts(server_round, {"central_dp_not_released": 1})
+                return None
+            self.recorder.record_counts(server_round, out.facts)
+            return self.commit(server_round, ArrayRecord(out.state))
         # integer buffers (BatchNorm's batch counters) are not summed: the global keeps its own
         new = {k: v + mean_update[k].to(v.dtype) if v.is_floating_point() else v for k, v in base.items()}
         return self.commit(server_round, ArrayRecord(new))

@@ -50,11 +50,10 @@ def _run(cfg: RunConfig, lost=lambda msg: False, node_extra: dict[int, dict] | N
     updates = {}
     real = client_module.as_fitres
 
-    def keep(msg, reply, keys):  # instrumentation at the site: what it is about to hand to the mask
+    def keep(msg, reply, keys, weight):  # instrumentation at the site: what it is about to hand to the mask
         name = str(reply.content["site"]["name"])
-        updates[name] = {"update": reply.content["arrays"].to_torch_state_dict(),
-                         "n": int(reply.content["metrics"]["num-examples"]), "keys": keys}
-        return real(msg, reply, keys)
+        updates[name] = {"update": reply.content["arrays"].to_torch_state_dict(), "n": weight, "keys": keys}
+        return real(msg, reply, keys, weight)
 
     grid = LoopbackGrid(client_module.app, contexts, lost)
     client_module.as_fitres = keep
@@ -149,9 +148,38 @@ def test_a_site_whose_privacy_budget_says_no_takes_part_with_weight_zero(three_c
     assert _relative_error(got, _expected(tmp_path / "run", updates, trained), base) < 1e-3
 
 
+def test_client_fixed_central_dp_noises_the_secure_mean_of_clipped_updates(three_centres, tmp_path, task_identity):
+    """SecAgg+ with client-level DP: each site clips its update to C and weighs 1, the server unmasks the uniform
+    mean and adds the seeded Gaussian noise (std z C / sites) that plain central DP would; epsilon is Flower's."""
+    from flwr.supercore.differential_privacy import compute_stdv
+
+    from fedus.site import derived_seed
+
+    clip = 0.05
+    cfg = _cfg(three_centres, tmp_path / "run", "central-dp.mode=client-fixed", f"central-dp.clipping-norm={clip}",
+               "central-dp.noise-multiplier=0.5", "central-dp.sampled-sites=3")
+    grid, updates = _run(cfg)
+    assert {u["n"] for u in updates.values()} == {1}
+    for u in updates.values():  # each site clipped before masking
+        assert sum(float(v.double().pow(2).sum()) for v in u["update"].values() if v.is_floating_point()) ** 0.5 <= clip * 1.001
+    base = load_state(tmp_path / "run" / "global-round-000.safetensors")
+    want = _expected(tmp_path / "run", updates, sorted(updates))
+    rng = np.random.default_rng(derived_seed(cfg.seed, 1, "central-dp"))
+    std = compute_stdv(0.5, clip, 3)
+    for k in next(iter(updates.values()))["keys"]:  # the student's order, in which the server draws the noise
+        if base[k].is_floating_point():
+            want[k] = want[k] + torch.from_numpy(rng.normal(0.0, std, size=tuple(base[k].shape)).astype(np.float32))
+    got = load_state(tmp_path / "run" / "global-round-001.safetensors")
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want if want[k].is_floating_point())
+    assert worst < 1e-5, worst  # quantisation only, against noise of std ~0.008
+    agg = _summary(tmp_path / "run")["rounds"][-1]["aggregate"]
+    assert agg["secure_aggregation"] == 1 and agg["central_dp_epsilon"] > 0 and agg["central_dp_noise_std"] == pytest.approx(std)
+
+
 @pytest.mark.parametrize("setting, message", [
     ("federation.robust=median", "federation.robust"),
     ("central-dp.mode=server-fixed", "central-dp"),
+    ("central-dp.mode=client-adaptive", "central-dp"),
     ("federation.transfer-dtype=int8-delta", "transfer-dtype"),
 ])
 def test_what_needs_one_sites_update_is_refused_with_secure_aggregation(setting, message, tiny_cfg):
