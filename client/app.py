@@ -101,13 +101,13 @@ def train(msg: Message, context: Context) -> Message:
     subset = coreset_subset(site, context, config, sent)
     state, metrics = site.train(sent, int(config["server-round"]), rounds, ledger, budget, subset=subset)
     metrics = metrics | {"startup_seconds": startup}
-    expected = {k: v.shape for k, v in sent.items()}
+    expected = {k: v.shape for k, v in sent.items()}  # what may leave: the student that was sent, no other shapes
     if state is not None and KEY_CLIPPING_NORM in config:  # central DP, client side: the update is clipped here
         state, below = clip_and_flag(state, sent, float(config[KEY_CLIPPING_NORM]))
         if site.cfg.central_dp.mode == "client-adaptive":  # the one bit the server's adaptive norm needs
             metrics = metrics | {KEY_BELOW_CLIP: int(below)}
     if is_secure_instruction(msg):
-        return secure_reply(msg, site, sent, state, metrics, config)
+        return secure_reply(msg, site, sent, state, metrics, config, expected)
     scales = None
     if state is not None and dtype == INT8_DELTA:
         state, scales = upload_delta(state, sent, context)
@@ -120,7 +120,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def secure_reply(msg: Message, site: Site, sent: dict[str, torch.Tensor], state: dict[str, torch.Tensor] | None,
-                 metrics: dict, config: ConfigRecord) -> Message:
+                 metrics: dict, config: ConfigRecord, expected: dict[str, torch.Size]) -> Message:
     """The update (student - global as received; zero after a refusal, whose weight is 0 too) for
     SecAgg+ to quantise and mask. Integer buffers are not summed (zero). `secagg_clipped`: the fraction
     of coordinates the quantiser will clip at its range, so a run can see it is set too tight."""
@@ -133,7 +133,7 @@ def secure_reply(msg: Message, site: Site, sent: dict[str, torch.Tensor], state:
     limit = float(config[CLIP_KEY])
     clipped = sum(int((v.abs() * ratio > limit).sum()) for v in update.values())
     metrics = metrics | {"secagg_clipped": clipped / max(1, sum(v.numel() for v in update.values()))}
-    reply = build_reply(msg, metrics, site_facts(site.name, site.describe()), update, {k: v.shape for k, v in sent.items()})
+    reply = build_reply(msg, metrics, site_facts(site.name, site.describe()), update, expected)
     return as_fitres(msg, reply, str(config[KEYS_KEY]).split("\n"), int(weight))
 
 

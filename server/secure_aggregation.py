@@ -19,7 +19,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
-from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.compat import LegacyContext
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -101,7 +100,7 @@ def secure_round(strategy: FedusFedAvg, grid: Grid, context: Context, server_rou
                                    state=RecordDict(), run_config=context.run_config),
                            config=ServerConfig(num_rounds=strategy.cfg.rounds, round_timeout=timeout), strategy=bridge)
     legacy.state[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round + strategy.offset})
-    legacy.state[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, keep_input=True)
+    legacy.state[MAIN_PARAMS_RECORD] = ArrayRecord()  # Flower reads it for configure_fit, which sends `params` itself
     workflow = SecAggPlusWorkflow(
         num_shares=sa.count(sa.num_shares), reconstruction_threshold=sa.count(sa.reconstruction_threshold),
         max_weight=weight, clipping_range=sa.clipping_range, quantization_range=2 ** sa.quantization_bits,

@@ -49,6 +49,13 @@ def mean_of_common_metrics(records: list[RecordDict], weight_key: str) -> Metric
     return MetricRecord(out)
 
 
+def refusal(metrics) -> str | None:
+    """A site's reason for refusing the round (its privacy budget), from its train metrics; None if it trained."""
+    if not int(metrics.get("refused", 0)):
+        return None
+    return REFUSALS.get(int(metrics.get("refusal_code", 0)), "unknown")
+
+
 def site_name(reply: Message) -> str:
     if not reply.has_error() and SITE_RECORD in reply.content:
         return str(reply.content[SITE_RECORD].get("name", ""))
@@ -205,9 +212,8 @@ class FedusFedAvg(FedAvg):
         ok = [m for m in replies if not m.has_error()]
         notes, offered = {}, []
         for m in ok:
-            metrics = next(iter(m.content.metric_records.values()), {})
-            if int(metrics.get("refused", 0)):
-                reason = REFUSALS.get(int(metrics.get("refusal_code", 0)), "unknown")
+            reason = refusal(next(iter(m.content.metric_records.values()), {}))
+            if reason is not None:
                 notes[id(m)] = {"refusal": reason}
                 log(WARNING, "round %s: node %s refused to train (%s)", server_round, m.metadata.src_node_id, reason)
             else:
@@ -277,9 +283,9 @@ class FedusFedAvg(FedAvg):
         for node, metrics in sorted(sites, key=lambda s: str(s[1].get(SECURE_SITE_KEY, ""))):
             metrics = dict(metrics)
             name = str(metrics.pop(SECURE_SITE_KEY, f"node-{node}"))
-            if int(metrics.get("refused", 0)):
-                metrics["refusal"] = REFUSALS.get(int(metrics.get("refusal_code", 0)), "unknown")
-                log(WARNING, "round %s: %s refused to train (%s)", server_round, name, metrics["refusal"])
+            if (reason := refusal(metrics)) is not None:
+                metrics["refusal"] = reason
+                log(WARNING, "round %s: %s refused to train (%s)", server_round, name, reason)
             per_site[name] = metrics
         self.recorder.record(server_round, "train", per_site, failed=max(0, self.asked["train"] - len(sites)))
         contributed = sum("refusal" not in m for m in per_site.values())

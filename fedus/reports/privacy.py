@@ -223,7 +223,7 @@ def secure_aggregation_text(summary: dict) -> list[str]:
                for site, m in (e.get("train") or {}).items() if isinstance(m, dict) and "secagg_clipped" in m]
     worst = max(clipped, default=None)
     text = (f"Secure aggregation (SecAgg+, Flower's protocol) ran in {len(rounds)} round(s): the server unmasked only "
-            "the example-weighted sum of each round's site updates, never one site's update, so the per-site update "
+            "the weighted sum of each round's site updates, never one site's update, so the per-site update "
             "checks (non-finite values, norm outliers) could not run and only the sum was checked. Each site's "
             f"weighted update was bounded to +-{sa.get('clipping-range', '?')} per coordinate and quantised to "
             f"2^{sa.get('quantization-bits', '?')} levels before masking.")
