@@ -83,8 +83,12 @@ class TrainConfig(_Section):
     mixup: bool = True
     augment: bool = True
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    channels_last: bool = False
-    num_workers: int = Field(0, ge=0)
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels_last memory format; auto = on CUDA for convolutional students")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile student and live teacher (eager if compiling fails); auto = on CUDA")
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="data-loading worker processes; auto = up to 8 on CUDA (pinned memory), 0 on CPU")
     target_views: int = Field(
         0, ge=0, description="K cached teacher targets per image (seeded views, fp16 memmap); 0 = live teacher")
     target_cache_dir: str = Field("", description="site-local folder of the target cache (empty = $FEDUS_CACHE/targets)")

@@ -26,6 +26,7 @@ from fedus.data.sites import SiteData, load_site
 from fedus.distill.clock import RoundClock
 from fedus.distill.losses import attach_distill_modules, required_views
 from fedus.distill.site_step import site_step
+from fedus.distill.fast_path import loader_workers
 from fedus.distill.target_cache import CachedViews, TargetCache, site_target_cache
 from fedus.evaluation.site_eval import probe_scores, teacher_agreement
 from fedus.models import Student, Teacher, create_student, create_teacher
@@ -93,7 +94,8 @@ class Site:
     @cached_property
     def targets(self) -> tuple[TargetCache, CachedViews]:
         """The site's teacher-target cache and its K seeded views per image (`train.target-views` > 0)."""
-        return site_target_cache(self.cfg, self.name, self.data.train.images, self.teacher)
+        return site_target_cache(self.cfg, self.name, self.data.train.images, self.teacher,
+                                 loader_workers(self.cfg.train, self.device))
 
     def describe(self) -> dict:
         """Aggregate facts about the site's data (counts only)."""

@@ -31,8 +31,9 @@ def test_cached_targets_equal_the_live_teacher_on_the_same_view(tiny_cfg, tmp_pa
     site = Site(_cfg(tiny_cfg, tmp_path, "train.target-views=3"), 0)
     cache, views = site.targets
     items = [views[j] for j in (0, 4, 7, 8)]
-    images, slots = torch.stack([i["image"] for i in items]), torch.stack([i["slot"] for i in items])
-    assert torch.equal(views[4]["image"], items[1]["image"])  # view k of image i is reproducible
+    images, slots = torch.stack([i["image"] for i in items]).float() / 255, torch.stack([i["slot"] for i in items])
+    assert images.dtype == torch.float32 and items[0]["image"].dtype == torch.uint8  # views are stored as bytes
+    torch.testing.assert_close(images[1], views.draw(1, 1), atol=0.5 / 255, rtol=0)  # view k of image i, reproducible
     assert not torch.equal(views[3]["image"], views[4]["image"])  # and views differ
     live = site.teacher(images)
     first = cache.lookup(site.teacher, slots, images)  # computed and stored
@@ -79,3 +80,32 @@ def test_site_step_with_the_cache_lowers_the_loss_and_raises_held_out_cosine(tin
 def test_the_cache_is_for_token_mse_only(tiny_cfg):
     with pytest.raises(ConfigError, match="token-mse"):
         tiny_cfg.with_overrides(["train.target-views=4", "distill.loss=repulsive-kd"])
+
+
+def test_loader_workers_read_stored_targets_and_only_unfilled_views_run_the_teacher(tiny_cfg, tmp_path, teacher_calls):
+    """The fast path: workers read views and tokens from the memory maps; the training thread runs the teacher
+    only for views not yet filled, and what it stores is what the next pass reads."""
+    site = Site(_cfg(tiny_cfg, tmp_path, "train.target-views=2"), 0)
+    cache, views = site.targets
+    loader = torch.utils.data.DataLoader(views, batch_size=8, num_workers=2)
+    first = [(b, cache.complete(site.teacher, b, b["image"].float() / 255)) for b in loader]
+    assert all(int(b["filled"].sum()) == 0 for b, _ in first)
+    assert teacher_calls["images"] == len(views) and cache.filled[:].sum() == len(views)
+    teacher_calls["images"] = 0
+    second = [(b, cache.complete(site.teacher, b, b["image"].float() / 255)) for b in loader]
+    assert teacher_calls["images"] == 0 and all(bool(b["filled"].all()) for b, _ in second)
+    for (b1, t1), (b2, t2) in zip(first, second):
+        assert torch.equal(b1["slot"], b2["slot"]) and torch.equal(b1["image"], b2["image"])
+        torch.testing.assert_close(t2, t1, rtol=2e-3, atol=2e-3)  # fp16 storage of the fresh tokens
+        torch.testing.assert_close(t2, site.teacher(b2["image"].float() / 255), rtol=2e-3, atol=2e-3)
+
+
+def test_stored_views_survive_a_restart_and_are_redrawn_if_their_file_is_lost(tiny_cfg, tmp_path):
+    cfg = _cfg(tiny_cfg, tmp_path, "train.target-views=2")
+    cache, views = Site(cfg, 0).targets
+    before = views.view(3).clone()
+    again = Site(cfg, 0).targets[1]
+    assert again.cache.views_ready and torch.equal(again.view(3), before)
+    (cache.root / "views.u8").unlink()
+    redrawn = Site(cfg, 0).targets[1]
+    assert torch.equal(redrawn.view(3), before)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedus.config import DistillConfig, TrainConfig
 from fedus.distill.clock import RoundClock
+from fedus.distill.fast_path import compile_in_place, eager, fast_path, with_eager_fallback
 from fedus.distill.losses.registry import LossOutput
 from fedus.distill.target_cache import TargetCache
 from fedus.distill.losses import StepInputs, create_objective, mixup, token_mse  # noqa: F401 (mixup: re-export)
@@ -66,7 +67,7 @@ def distill_loss_on(student: Student, teacher: Teacher, images: torch.Tensor, pr
     With `targets`, the batch is the site's first images, un-augmented (their cache slots)."""
     was_training = student.training
     student.eval()
-    with autocast_for(images.device, precision):
+    with autocast_for(images.device, precision), eager():
         wanted = (targets.lookup(teacher, targets.reference_slots(len(images)), images) if targets is not None
                   else teacher(images))
         loss = token_mse(student(images), wanted).item()
@@ -98,23 +99,49 @@ def site_step(
         cfg = private_train_config(cfg, distill)  # no mixup, fp32, per-sample loss
     objective = create_objective(distill, mixup=cfg.mixup)
     clock = clock or RoundClock()
+    fast = fast_path(cfg, device, student)
     torch.manual_seed(seed)  # torchvision's augmentations draw from the global RNG
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-        drop_last=len(train_set) >= cfg.batch_size, num_workers=cfg.num_workers,
+        drop_last=len(train_set) >= cfg.batch_size, num_workers=fast.num_workers, pin_memory=fast.pin_memory,
+        persistent_workers=fast.num_workers > 0,
     )
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    student.to(device, memory_format=memory_format).train()
-    teacher.to(device, memory_format=memory_format)
+    student.to(device, memory_format=fast.memory_format).train()
+    teacher.to(device, memory_format=fast.memory_format)
+    compiled = [student] + ([teacher] if targets is None else [])  # cached targets: the teacher runs only on misses
+    if fast.compile and privacy is None:
+        for module in compiled:
+            compile_in_place(module)
     reference_images = reference_images.to(device)
     optimizer = adamw(student.parameters(), cfg)
-    dp = PrivateTraining(student, optimizer, train_set, privacy, seed, device, cfg.num_workers) if privacy else None
+    dp = PrivateTraining(student, optimizer, train_set, privacy, seed, device, fast.num_workers) if privacy else None
     if dp is not None:
         loader, optimizer = dp.loader, dp.optimizer
 
+    def on_device(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device, non_blocking=True)
+        if x.dtype == torch.uint8:  # stored views travel as bytes, 4x less than float
+            x = x.float().div_(255)
+        return x.contiguous(memory_format=fast.memory_format)
+
+    def train_on(batch: dict, images: torch.Tensor, step: int) -> LossOutput:
+        optimizer.zero_grad(set_to_none=True)
+        views = [images] + [on_device(batch[k]) for k in ("view2",) if k in batch and objective.views > 1]
+        inputs = StepInputs(student, teacher, views, generator, clock.progress(step, cfg.local_steps))
+        with autocast_for(device, cfg.precision):
+            if targets is not None:  # cached teacher tokens of exactly these views
+                out = LossOutput(token_mse(student(images), targets.complete(teacher, batch, images)))
+            else:
+                out = objective(inputs)  # mixup (train.mixup) happens inside token-mse
+        out.loss.backward()
+        optimizer.step()
+        return out
+
+    if targets is not None:
+        targets.reset_counts()  # hit rate per round
     loss_before = distill_loss_on(student, teacher, reference_images, cfg.precision, targets)
-    losses: list[float] = []
+    losses: list = []
     seen, start = 0, time.perf_counter()
     batches = iter(loader)
     parts_sum: dict[str, float] = {}
@@ -124,26 +151,17 @@ def site_step(
         except StopIteration:
             batches = iter(loader)
             batch = next(batches)
-        images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
+        images = on_device(batch["image"])
         if dp is not None and images.shape[0] == 0:
             dp.noise_only_step()  # Poisson sampling drew nobody: still a (noise-only) step
             continue
-        views = [images] + [batch[k].to(device, non_blocking=True, memory_format=memory_format)
-                            for k in ("view2",) if k in batch and objective.views > 1]
-        inputs = StepInputs(student, teacher, views, generator, clock.progress(step, cfg.local_steps))
-        with autocast_for(device, cfg.precision):
-            if targets is not None:  # cached teacher tokens of exactly these views
-                out = LossOutput(token_mse(student(images), targets.lookup(teacher, batch["slot"], images)))
-            else:
-                out = objective(inputs)  # mixup (train.mixup) happens inside token-mse
-        loss = out.loss
+        out = with_eager_fallback(lambda: train_on(batch, images, step), compiled,
+                                  fast.compile and privacy is None and step == 0)
         for key, value in out.parts.items():
             parts_sum[key] = parts_sum.get(key, 0.0) + value
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(out.loss.detach())  # no sync per step: the host can run ahead of the GPU
         seen += images.shape[0]
+    losses = torch.stack(losses).float().tolist() if losses else []  # waits for the last step
     seconds = time.perf_counter() - start
     if dp is not None:
         dp.close()

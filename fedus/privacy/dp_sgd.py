@@ -97,10 +97,11 @@ def private_train_config(cfg: TrainConfig, distill: DistillConfig | None) -> Tra
     * no mixup: a mixed image carries two training images, so clipping it bounds
       neither image's influence and the per-sample accounting would not hold;
     * fp32: Opacus' grad samplers run in the backward hooks, outside autocast;
+    * eager and contiguous: Opacus' hooks see the modules torch.compile would replace;
     * per-sample losses only (token-MSE): losses that compare samples within a
       batch (in-batch contrast) give no per-sample gradient to clip.
     """
     loss = (distill.loss if distill is not None else "token-mse").replace(" ", "")
     if loss not in ("token-mse", "token-mse:1", "token-mse:1.0"):
         raise ConfigError(f"privacy.enabled needs distill.loss = 'token-mse' (per-sample), got '{loss}'")
-    return cfg.model_copy(update={"mixup": False, "precision": "fp32"})
+    return cfg.model_copy(update={"mixup": False, "precision": "fp32", "compile": "off", "channels_last": False})

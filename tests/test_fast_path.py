@@ -1,0 +1,55 @@
+"""The site step's fast path: on where it helps, off where it does not, and never the reason a round fails."""
+
+import pytest
+import torch
+
+from fedus.config import TrainConfig
+from fedus.distill import fast_path as fp
+from fedus.models import create_student, create_teacher
+from fedus.config import StudentConfig, TeacherConfig
+from fedus.site import Site
+
+
+def _student(arch: str):
+    teacher = create_teacher(TeacherConfig(arch="vit_tiny_patch16_224", blocks="1"), 32)
+    return create_student(StudentConfig(arch=arch, head_hidden=32), teacher.dim, teacher.grid, 32, seed=0)
+
+
+def test_auto_is_the_fast_path_on_cuda_and_plain_eager_on_cpu():
+    cfg, cnn, vit = TrainConfig(), _student("resnet10t"), _student("vit_tiny_patch16_224")
+    cpu = fp.fast_path(cfg, torch.device("cpu"), cnn)
+    assert (cpu.compile, cpu.channels_last, cpu.num_workers, cpu.pin_memory) == (False, False, 0, False)
+    gpu = fp.fast_path(cfg, torch.device("cuda"), cnn)  # resolution only: nothing runs on the device
+    assert gpu.compile and gpu.channels_last and gpu.pin_memory and 0 <= gpu.num_workers <= fp.MAX_AUTO_WORKERS
+    assert not fp.fast_path(cfg, torch.device("cuda"), vit).channels_last  # only a patch-embedding convolution
+    forced = fp.fast_path(TrainConfig(compile="on", channels_last=True, num_workers=3), torch.device("cpu"), vit)
+    assert (forced.compile, forced.channels_last, forced.num_workers) == (True, True, 3)
+
+
+def _train(tiny_cfg, *extra):
+    site = Site(tiny_cfg.with_overrides(["train.local-steps=3", "train.mixup=false", *extra]), 0)
+    return site.train(site.student().state_dict(), 1)
+
+
+def test_a_compiled_site_step_keeps_the_weight_names_and_matches_eager(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(fp, "BACKEND", "aot_eager")  # dynamo + autograd tracing, no code generation (fast on CI)
+    eager_state, _ = _train(tiny_cfg, 'train.compile="off"')
+    compiled_state, m = _train(tiny_cfg, 'train.compile="on"')
+    assert list(compiled_state) == list(eager_state)  # no `_orig_mod.` prefixes reach the federation
+    for k, v in eager_state.items():
+        torch.testing.assert_close(compiled_state[k], v, rtol=1e-4, atol=1e-5)
+    assert m["loss_after"] < m["loss_before"]
+
+
+def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny_cfg, monkeypatch):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler on this site")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(fp, "BACKEND", broken_backend)
+    eager_state, _ = _train(tiny_cfg, 'train.compile="off"')
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*continuing eagerly"):
+        state, m = _train(tiny_cfg, 'train.compile="on"')
+    for k, v in eager_state.items():
+        torch.testing.assert_close(state[k], v)  # the failed attempt left no trace in the step
+    assert m["steps"] == 3
