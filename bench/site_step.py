@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import multiprocessing
 import os
@@ -48,7 +49,7 @@ from fedus.config import StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
 from fedus.data import synthetic  # noqa: E402
 from fedus.distill import site_step  # noqa: E402
 from fedus.distill.fast_path import fast_path  # noqa: E402
-from fedus.distill.site_step import distill_loss_on, fused_available  # noqa: E402
+from fedus.distill.site_step import distill_loss_on, fused_available, site_loader  # noqa: E402
 from fedus.distill.target_cache import CachedViews, TargetCache  # noqa: E402
 from fedus.models import create_student, create_teacher  # noqa: E402
 
@@ -155,8 +156,7 @@ def fedus_cached(p: dict, pool: torch.Tensor, device: torch.device, cache_root: 
     fill_steps = math.ceil(n * k / bs)
     steady_steps = p["warmup"] + p["steps"] - fill_steps
     assert steady_steps > 0, "preset: the fill epoch must be shorter than the run"
-    fields = {"views": k, "n_images": n, "teacher_arch": p["teacher"], "image_size": p["image_size"], "bench": True}
-    cache = TargetCache(cache_root, fields, teacher.grid[0] * teacher.grid[1], teacher.dim)
+    cache = TargetCache(cache_root, bench_cache_fields(p, n), teacher.grid[0] * teacher.grid[1], teacher.dim)
     cfg = TrainConfig(batch_size=bs, local_steps=fill_steps, mixup=False, target_views=k)
     views = CachedViews(pool, cache, "ultrasound", seed=0)
     began = time.perf_counter()
@@ -178,6 +178,51 @@ def fedus_cached(p: dict, pool: torch.Tensor, device: torch.device, cache_root: 
         "steady_hit_rate": steady["target_cache_hit_rate"], "views_drawn_s": draw_s,
         f"amortised_images_per_s_{e}_epochs": amortised,
         "cache_gib": (cache.targets.nbytes + n * k * 3 * p["image_size"] ** 2) / 2**30}
+
+
+def loader_alone(p: dict, pool: torch.Tensor, device: torch.device, cache_root: Path) -> list[dict]:
+    """The fedus input path with no model: batches from the site step's own loader, copied to the device
+    (cached views + tokens from the cached run's cache at `cache_root`, once that run has filled it).
+    If these rates sit near the fedus step's, the loader is what limits it."""
+    rows = []
+    for name, data in [("loader alone: pool bytes", PoolImages(pool)),
+                       ("loader alone: cached views + tokens", _filled_views(p, pool, cache_root))]:
+        if data is None:
+            continue
+        fast = fast_path(TrainConfig(), device, torch.nn.Conv2d(3, 3, 3))
+        loader = site_loader(data, p["batch_size"], fast, torch.Generator().manual_seed(0))
+        batches, n = iter(loader), 0
+        next(batches)  # workers started
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(p["steps"]):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                batch = next(batches)
+            for v in batch.values():
+                v.to(device, non_blocking=True)
+            n += len(batch["image"])
+        sync(device)
+        seconds = time.perf_counter() - start
+        rows.append({"variant": name, "images_per_s": n / seconds, "seconds": seconds, "fast_path": str(fast),
+                     "mb_per_batch": sum(v.numel() * v.element_size() for v in batch.values()) / 2**20})
+        del loader, batches
+    return rows
+
+
+def bench_cache_fields(p: dict, n: int) -> dict:
+    return {"views": p["views"], "n_images": n, "teacher_arch": p["teacher"], "image_size": p["image_size"], "bench": True}
+
+
+def _filled_views(p: dict, pool: torch.Tensor, root: Path) -> CachedViews | None:
+    """The cached run's views and tokens (same fields and shape, so the cache opens instead of being wiped)."""
+    header = root / "header.json"
+    if not header.exists():
+        return None
+    _, tokens, dim = json.loads(header.read_text())["shape"]
+    return CachedViews(pool, TargetCache(root, bench_cache_fields(p, len(pool)), tokens, dim), "ultrasound", 0)
 
 
 def run(args) -> dict:
@@ -235,16 +280,22 @@ def run(args) -> dict:
                 torch.cuda.empty_cache()
             result["summary"] = summary(result["results"])
             write_result(result, "site_step", preset, args.out)
+        for row in loader_alone(p, pool, device, Path(tmp) / "cache"):
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            result["results"].append(row)
+        write_result(result, "site_step", preset, args.out)
     return result
 
 
 def summary(rows: list[dict]) -> dict:
     plain_rows = [r for r in rows if r["variant"].startswith("plain") and "error" not in r]
+    loader_rows = [r for r in rows if r["variant"].startswith("loader")]
     fedus_rows = [r for r in rows if r["variant"].startswith("fedus") and "error" not in r]
     if not plain_rows or not fedus_rows:
         return {}
     best_plain = max(plain_rows, key=lambda r: r["images_per_s"])
     out = {"best_plain": best_plain["variant"], "best_plain_images_per_s": best_plain["images_per_s"]}
+    out |= {r["variant"]: r["images_per_s"] for r in loader_rows}
     for r in fedus_rows:
         key = r["variant"].replace(" ", "_").replace("=", "")
         loss_ratio = r["held_out_loss"] / best_plain["held_out_loss"]

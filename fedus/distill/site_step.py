@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedus.config import DistillConfig, TrainConfig
 from fedus.distill.clock import RoundClock
-from fedus.distill.fast_path import compile_in_place, eager, fast_path, with_eager_fallback
+from fedus.distill.fast_path import FastPath, compile_in_place, eager, fast_path, with_eager_fallback
 from fedus.distill.losses.registry import LossOutput
 from fedus.distill.target_cache import TargetCache
 from fedus.distill.losses import StepInputs, create_objective, mixup, token_mse  # noqa: F401 (mixup: re-export)
@@ -58,6 +58,15 @@ def fused_available(device: torch.device, dtype: torch.dtype = torch.float32) ->
         return True
     except (RuntimeError, ValueError, NotImplementedError, TypeError):
         return False
+
+
+def site_loader(train_set: Dataset, batch_size: int, fast: FastPath, generator: torch.Generator) -> DataLoader:
+    """The site step's batches: shuffled, full batches only (when there are enough), on the fast path's workers."""
+    return DataLoader(
+        train_set, batch_size=batch_size, shuffle=True, generator=generator,
+        drop_last=len(train_set) >= batch_size, num_workers=fast.num_workers, pin_memory=fast.pin_memory,
+        persistent_workers=fast.num_workers > 0,
+    )
 
 
 @torch.no_grad()
@@ -102,11 +111,7 @@ def site_step(
     fast = fast_path(cfg, device, student)
     torch.manual_seed(seed)  # torchvision's augmentations draw from the global RNG
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-        drop_last=len(train_set) >= cfg.batch_size, num_workers=fast.num_workers, pin_memory=fast.pin_memory,
-        persistent_workers=fast.num_workers > 0,
-    )
+    loader = site_loader(train_set, cfg.batch_size, fast, generator)
     student.to(device, memory_format=fast.memory_format).train()
     teacher.to(device, memory_format=fast.memory_format)
     compiled = [student] + ([teacher] if targets is None else [])  # cached targets: the teacher runs only on misses
