@@ -70,11 +70,17 @@ PLAN = [  # (student, work, wire dtype, rounds): fp32 only where it costs little
 ]
 
 
-def _sets(student: str, work: str, dtype: str, every: int = 1) -> list[str]:
+def _variant(every: int, with_train: bool) -> str:
+    return f"every{every}-{'with-train' if with_train else 'apart'}"
+
+
+def _sets(student: str, work: str, dtype: str, every: int = 1, with_train: bool = True) -> list[str]:
     values = COMMON | WORK[work][student] | {"student.arch": student, "federation.transfer-dtype": dtype,
                                             "federation.evaluate-every": every,
-                                            "scenario": f"bench-round-overhead-{student}-{work}-{dtype}-every{every}"}
-    return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items()]
+                                            "federation.evaluate-with-train": with_train,
+                                            "scenario": f"bench-round-overhead-{student}-{work}-{dtype}-"
+                                                        f"{_variant(every, with_train)}"}
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]  # TOML values: "str", 1.5, true
 
 
 def _site_manifests(root: Path) -> dict[str, Path]:
@@ -148,24 +154,33 @@ def _fleet_traffic(db: Path) -> dict:
 
 
 def _round_rows(summary: dict) -> list[dict]:
-    """One row per round that completed (trained and timed; evaluated unless evaluate-every skipped it)."""
+    """One row per round that completed (trained and timed). A round's evaluate phase is there only if
+    its student was evaluated apart (evaluate-with-train off, or the last round; evaluate-every may skip
+    it); under evaluate-with-train its train messages also carry the previous round's evaluation, whose
+    site work (eval_seconds, recorded under that round) counts as the train phase's."""
     rows = []
+    rounds = {e["round"]: e for e in summary["rounds"]}
     for e in summary["rounds"]:
-        agg, train, ev = e.get("aggregate", {}), e.get("train", {}), e.get("eval", {})
+        agg, train = e.get("aggregate", {}), e.get("train", {})
+        ev = e.get("eval", {}) if "eval_wall_s" in agg else {}  # evaluated apart, in this round
+        previous = rounds.get(e["round"] - 1, {})
+        carried = previous.get("eval", {}) if previous.get("aggregate", {}).get("eval_with_train") else {}
         if e["round"] < 1 or "round_wall_s" not in agg or not train:
             continue
-        work_train = max(m.get("train_seconds", 0.0) for m in train.values())
+        work_train = max(m.get("train_seconds", 0.0) + carried.get(s, {}).get("eval_seconds", 0.0)
+                         for s, m in train.items())
         work_eval = max((m.get("eval_seconds", 0.0) for m in ev.values()), default=0.0)
         eval_wall = agg.get("eval_wall_s", 0.0) if ev else 0.0
         overhead = (agg["train_wall_s"] - work_train) + (eval_wall - work_eval)
         n = len(train)
         rows.append({
-            "round": e["round"], "evaluated": bool(ev), "round_wall_s": agg["round_wall_s"],
+            "round": e["round"], "evaluated_apart": bool(ev), "carried_evaluation_of_previous": bool(carried),
+            "round_wall_s": agg["round_wall_s"],
             "train_wall_s": agg["train_wall_s"], "eval_wall_s": eval_wall,
             "server_aggregate_checkpoint_s": round(agg["round_wall_s"] - agg["train_wall_s"] - eval_wall, 3),
             "site_train_seconds": {s: round(m["train_seconds"], 2) for s, m in train.items()},
             "site_step_seconds": {s: round(m["seconds"], 2) for s, m in train.items()},
-            "site_eval_seconds": {s: round(m["eval_seconds"], 2) for s, m in ev.items()},
+            "site_eval_seconds": {s: round(m["eval_seconds"], 2) for s, m in (ev or carried).items()},
             # of the overhead: the fresh ClientApp process's start (spawn, imports, app load) before each handler
             "site_startup_seconds": {p: {s: round(m.get("startup_seconds", 0.0), 2) for s, m in d.items()}
                                      for p, d in (("train", train), ("eval", ev))},
@@ -191,14 +206,16 @@ def _superlink_errors(log: Path, offset: int) -> dict[str, int]:
     return out
 
 
-def run_setting(student: str, work: str, dtype: str, rounds: int, env: dict, state: Path, every: int = 1) -> dict:
+def run_setting(student: str, work: str, dtype: str, rounds: int, env: dict, state: Path, every: int = 1,
+                with_train: bool = True) -> dict:
     """One `flwr run`; a run that fails still gives the rounds it completed (and their bytes)."""
-    cfg = server_config(None, _sets(student, work, dtype, every), rounds, len(SITES))
-    run_dir = state / f"{student}-{work}-{dtype}-every{every}"
+    cfg = server_config(None, _sets(student, work, dtype, every, with_train), rounds, len(SITES))
+    run_dir = state / f"{student}-{work}-{dtype}-{_variant(every, with_train)}"
     link_log = state / "superlink.log"
     offset = link_log.stat().st_size
     began = time.perf_counter()
     out = {"student": student, "work": work, "transfer_dtype": dtype, "rounds": rounds, "evaluate_every": every,
+           "evaluate_with_train": with_train,
            "local_steps": cfg.train.local_steps, "batch_size": cfg.train.batch_size}
     try:
         submit_run(cfg, env, run_dir, timeout=600 if work == "tiny" else 1500)
@@ -245,12 +262,16 @@ def main() -> None:
     ap.add_argument("--student", choices=sorted(STUDENTS), default=None, help="run only this student")
     ap.add_argument("--evaluate-every", type=int, nargs="+", default=[1],
                     help="federation.evaluate-every values, each setting run once per value (side by side)")
+    ap.add_argument("--evaluate-with-train", choices=["on", "off"], nargs="+", default=["on"],
+                    help="federation.evaluate-with-train values, each setting run once per value (side by side)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per run (default: the plan's)")
     ap.add_argument("--dtype", choices=["fp16", "fp32"], default=None, help="run only this wire dtype")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep", type=Path, default=None, help="work in this (new) folder and keep its logs")
     args = ap.parse_args()
     plan = [p for p in PLAN if args.only in (None, p[1]) and args.student in (None, p[0]) and args.dtype in (None, p[2])]
+    carries = [c == "on" for c in args.evaluate_with_train]
+    variants = [(p, e, c) for p in plan for e in args.evaluate_every for c in carries]  # side by side, in turn
     load_before = list(os.getloadavg())
     results: list[dict] = []
     error = None
@@ -271,9 +292,9 @@ def main() -> None:
                     register_site(keys / f"{site}.pub", site, env)
                     sites[site] = _start_site(site, manifests[site], settings.port, root, certs, keys)
                 watch.start()
-                for (student, work, dtype, rounds), every in ((p, e) for p in plan for e in args.evaluate_every):
+                for (student, work, dtype, rounds), every, carry in variants:
                     results.append(run_setting(student, work, dtype, args.rounds or rounds, env,
-                                               settings.state.resolve(), every))
+                                               settings.state.resolve(), every, carry))
                     if "exceeded" in results[-1].get("error", ""):  # its ServerApp may still be running: stop here
                         raise RuntimeError(results[-1]["error"])
         except (Exception, KeyboardInterrupt) as err:  # the result records how far it got, and why not further
@@ -291,9 +312,9 @@ def main() -> None:
                 for pid in flower_home_pids(h.resolve())]
     load_after = list(os.getloadavg())
 
-    def headline(student: str, work: str, dtype: str = "fp16", every: int = 1) -> dict | None:
-        r = next((r for r in results if (r["student"], r["work"], r["transfer_dtype"], r["evaluate_every"])
-                  == (student, work, dtype, every)), None)
+    def headline(student: str, work: str, dtype: str = "fp16", every: int = 1, carry: bool = True) -> dict | None:
+        r = next((r for r in results if (r["student"], r["work"], r["transfer_dtype"], r["evaluate_every"],
+                                         r["evaluate_with_train"]) == (student, work, dtype, every, carry)), None)
         if r is None or "mean" not in r:
             return None
         return {"round_wall_s": r["mean"]["round_wall_s"], "site_train_s": r["site_work_mean_s"]["train"],
@@ -303,8 +324,9 @@ def main() -> None:
                 "train_phase_overhead_share": r["mean"]["train_phase_overhead_share"],
                 "bytes_up_per_site_per_round": r["bytes_up_per_site_per_round"], "failed": r.get("error")}
 
-    figures = {f"{s}/{w}" + (f"/evaluate-every-{e}" if e != 1 else ""): headline(s, w, every=e)
-               for s in STUDENTS for w in WORK for e in args.evaluate_every}
+    figures = {f"{s}/{w}" + (f"/evaluate-every-{e}" if e != 1 else "") + ("" if c else "/evaluation-apart"):
+               headline(s, w, every=e, carry=c)
+               for s in STUDENTS for w in WORK for e in args.evaluate_every for c in carries}
     for s in STUDENTS:
         b16, b32 = (next((r.get("bytes_up_per_site_per_round") for r in results
                           if (r["student"], r["transfer_dtype"]) == (s, d)), None)
@@ -317,9 +339,12 @@ def main() -> None:
                        "processes (flower-supernode, subprocess isolation: a fresh flwr-clientapp per message), "
                        "`flwr run` per setting; sites OMP_NUM_THREADS=1 (two sites on two cores)"),
         "settings": {"common": COMMON, "work": WORK, "plan": [list(p) for p in PLAN if p in plan], "sites": SITES,
-                     "evaluate_every": args.evaluate_every, "rounds_override": args.rounds,
-                     "overhead_definition": "(train_wall - slower site's train_seconds) + (eval_wall - slower site's "
-                                            "eval_seconds); share = overhead / round_wall"},
+                     "evaluate_every": args.evaluate_every, "evaluate_with_train": args.evaluate_with_train,
+                     "rounds_override": args.rounds,
+                     "overhead_definition": "(train_wall - slower site's train_seconds [+ its eval_seconds of the "
+                                            "previous round's student, carried by the train message]) + (eval_wall - "
+                                            "slower site's eval_seconds, in rounds evaluated apart); share = overhead / "
+                                            "round_wall"},
         "provenance": {"teacher": "vit_tiny_patch16_224, random init (no weights): cost only, not a foundation model",
                        "students": STUDENTS | {"init": "random init, seed 0"},
                        "data": f"fedus synthetic generator, {len(SITES)} centres x {IMAGES_PER_SITE} images, 64 px, "

@@ -159,8 +159,9 @@ def fedus_cached(p: dict, pool: torch.Tensor, device: torch.device, cache_root: 
     cache = TargetCache(cache_root, bench_cache_fields(p, n), teacher.grid[0] * teacher.grid[1], teacher.dim)
     cfg = TrainConfig(batch_size=bs, local_steps=fill_steps, mixup=False, target_views=k)
     views = CachedViews(pool, cache, "ultrasound", seed=0)
+    fast = fast_path(cfg, device, student)
     began = time.perf_counter()
-    views.materialise(fast_path(cfg, device, student).num_workers)
+    views.materialise(fast.num_workers)
     draw_s = time.perf_counter() - began
     ref = pool[:8].unsqueeze(1).expand(-1, 3, -1, -1).float().div(255)
     fill = site_step(student, teacher, views, ref, cfg, seed=0, device=device, targets=cache).metrics
@@ -172,7 +173,7 @@ def fedus_cached(p: dict, pool: torch.Tensor, device: torch.device, cache_root: 
     amortised = e * n * k / (draw_s + epoch_fill + (e - 1) * epoch_steady)
     return student, teacher, {
         "images_per_s": steady["images_per_s"], "seconds": steady["seconds"], "steps": steady_steps,
-        "fast_path": str(fast_path(cfg, device, student)),
+        "fast_path": str(fast),
         "fill_round": {"steps": fill_steps, "images_per_s": fill["images_per_s"], "seconds": fill["seconds"],
                        "hit_rate": fill["target_cache_hit_rate"], "includes": "compiling the student"},
         "steady_hit_rate": steady["target_cache_hit_rate"], "views_drawn_s": draw_s,

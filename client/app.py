@@ -32,7 +32,7 @@ from fedus.site import Site, get_site
 from fedus.transfer import INT8_DELTA, TRANSFER_KEY, decode, encode, encode_delta, nbytes
 from server.central_dp import KEY_BELOW_CLIP, KEY_CLIPPING_NORM, clip_and_flag
 from server.secure_aggregation import CLIP_KEY, KEYS_KEY, MAX_WEIGHT_KEY, is_secure_instruction
-from server.strategy import KEEP_KEY, THRESHOLD_KEY
+from server.strategy import EVAL_ROUND_KEY, KEEP_KEY, THRESHOLD_KEY
 
 app = ClientApp()
 CORESET_STATE = "coreset-scores"  # this node's scores between re-scorings (context.state: never sent)
@@ -97,6 +97,9 @@ def train(msg: Message, context: Context) -> Message:
     startup = process_age()  # before this node's site is built: the message's process start-up only
     site, config, dtype, sent = received(msg, context)
     rounds = int(config["rounds"]) if "rounds" in config else None  # the server's clock (server/app.py sends it)
+    evaluation = None
+    if EVAL_ROUND_KEY in config:  # the student sent is the previous round's global: score it before training on it
+        evaluation = split_evaluation(site.evaluate(sent, int(config[EVAL_ROUND_KEY])))
     ledger, budget = site_privacy(site, context)
     subset = coreset_subset(site, context, config, sent)
     state, metrics = site.train(sent, int(config["server-round"]), rounds, ledger, budget, subset=subset)
@@ -116,7 +119,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics = metrics | {"bytes_sent": nbytes(state) + nbytes(scales or {}) if state is not None else 0}
     if subset is not None:
         metrics |= {"coreset_kept": len(subset), "coreset_threshold": float(config[THRESHOLD_KEY])}
-    return build_reply(msg, metrics, site_facts(site.name, site.describe()), state, expected, scales=scales)
+    return build_reply(msg, metrics, site_facts(site.name, site.describe()), state, expected, scales=scales,
+                       evaluation=evaluation)
 
 
 def secure_reply(msg: Message, site: Site, sent: dict[str, torch.Tensor], state: dict[str, torch.Tensor] | None,
@@ -179,11 +183,17 @@ def query(msg: Message, context: Context) -> Message:
                        min_bin_count=c.min_bin_count)
 
 
+def split_evaluation(scores: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Site.evaluate's scores as (the metrics every site has, which Flower may average; this site's own probes)."""
+    common = {k: scores.pop(k) for k in ("cos", "mse", "num-examples", "eval_seconds")}
+    return common, scores
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     startup = process_age()
     site = site_for(context)
     state = decode(msg.content["arrays"].to_torch_state_dict(), str(msg.content["config"].get(TRANSFER_KEY, "fp32")))
-    scores = site.evaluate(state, int(msg.content["config"]["server-round"]))
-    common = {k: scores.pop(k) for k in ("cos", "mse", "num-examples", "eval_seconds")} | {"startup_seconds": startup}
-    return build_reply(msg, common, site_facts(site.name, site.describe()), site_scores=scores)
+    common, scores = split_evaluation(site.evaluate(state, int(msg.content["config"]["server-round"])))
+    return build_reply(msg, common | {"startup_seconds": startup}, site_facts(site.name, site.describe()),
+                       site_scores=scores)

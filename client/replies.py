@@ -24,7 +24,7 @@ from flwr.compat.common import recorddict_compat as compat
 from fedus.intake.card import K_ANONYMITY, check_card
 from fedus.transfer import SCALES_RECORD, scale_shape
 from server.central_dp import KEY_BELOW_CLIP
-from server.strategy import CORESET_RECORD, SCORES_RECORD, SECURE_SITE_KEY, SITE_RECORD
+from server.strategy import CORESET_RECORD, EVAL_RECORD, SCORES_RECORD, SECURE_SITE_KEY, SITE_RECORD
 
 MAX_LIST = 64  # a longer list could be one value per image
 
@@ -34,8 +34,8 @@ class EgressViolation(RuntimeError):
 
 
 # --- the allow-list: record name -> record type, and the keys each record may hold ---------------
-RECORDS = {"metrics": MetricRecord, SITE_RECORD: ConfigRecord, SCORES_RECORD: ConfigRecord,
-           CORESET_RECORD: MetricRecord, "arrays": ArrayRecord, SCALES_RECORD: ArrayRecord}
+RECORDS = {"metrics": MetricRecord, EVAL_RECORD: MetricRecord, SITE_RECORD: ConfigRecord,
+           SCORES_RECORD: ConfigRecord, CORESET_RECORD: MetricRecord, "arrays": ArrayRecord, SCALES_RECORD: ArrayRecord}
 _WORD = r"[a-z0-9_-]+"  # keys made by code from loss / probe names: no dots, no slashes, no data
 TRAIN_METRICS = frozenset({
     "num-examples", "loss_before", "loss_after", "examples_seen", "steps", "seconds", "images_per_s",
@@ -50,13 +50,14 @@ EVAL_METRICS = frozenset({"cos", "mse", "num-examples", "eval_seconds", "startup
 SITE_FACTS = frozenset({"name", "n_train", "n_test", "classes", "has_masks", "data_card"})
 ALLOWED_KEYS: dict[str, tuple[frozenset[str], re.Pattern | None]] = {
     "metrics": (TRAIN_METRICS | EVAL_METRICS, re.compile(rf"train_{_WORD}")),  # loss parts (site_step)
+    EVAL_RECORD: (EVAL_METRICS - {"startup_seconds"}, None),  # a train reply's evaluation of the student it was sent
     SITE_RECORD: (SITE_FACTS, re.compile(rf"skipped_{_WORD}")),
     SCORES_RECORD: (frozenset(), re.compile(  # probes, and the label-efficiency protocol's summary rows
         rf"(teacher_)?(cls|seg)_{_WORD}|le:{_WORD}:{_WORD}:{_WORD}:[0-9.e+-]+:(mean|std|n)")),
     CORESET_RECORD: (frozenset({"histogram", "count"}), None),
 }
-VALUE_TYPES = {"metrics": (int, float), SITE_RECORD: (str, int, bool, list), SCORES_RECORD: (int, float),
-               CORESET_RECORD: (int, list)}  # lists: of scalars, at most MAX_LIST long
+VALUE_TYPES = {"metrics": (int, float), EVAL_RECORD: (int, float), SITE_RECORD: (str, int, bool, list),
+               SCORES_RECORD: (int, float), CORESET_RECORD: (int, list)}  # lists: of scalars, at most MAX_LIST long
 
 
 def allowed_key(record: str, key: str) -> bool:
@@ -159,12 +160,14 @@ def build_reply(
     histogram: list[int] | None = None,
     scales: dict[str, torch.Tensor] | None = None,
     min_bin_count: int = K_ANONYMITY,
+    evaluation: tuple[dict[str, float], dict[str, float]] | None = None,
 ) -> Message:
     """`metrics` must have the same keys at every site (Flower aggregates them);
     `site_scores` are the site-specific ones (probes exist only where labels/masks do);
     `histogram`: coreset score counts per bin (a query reply: pass no metrics and no facts), no bin
     of 1..`min_bin_count`-1 images (the run's `coreset.min-bin-count`; strict by default);
-    `scales`: int8-delta's per-tensor / per-channel scales of `state` (fedus.transfer)."""
+    `scales`: int8-delta's per-tensor / per-channel scales of `state` (fedus.transfer);
+    `evaluation`: a train reply's (metrics, site_scores) for the student it was sent (evaluate-with-train)."""
     content = RecordDict()
     if metrics or histogram is None:
         content["metrics"] = MetricRecord(_check_metrics(metrics))
@@ -172,6 +175,9 @@ def build_reply(
         content[SITE_RECORD] = ConfigRecord(_check_site_facts(facts))
     if histogram is not None:
         content[CORESET_RECORD] = MetricRecord(_check_histogram(histogram, min_bin_count))
+    if evaluation is not None:
+        carried, site_scores = evaluation
+        content[EVAL_RECORD] = MetricRecord(_check_metrics(carried, EVAL_RECORD))
     if site_scores:
         content[SCORES_RECORD] = ConfigRecord(_check_metrics(site_scores, SCORES_RECORD))
     if state is not None:

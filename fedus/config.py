@@ -88,7 +88,8 @@ class TrainConfig(_Section):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile student and live teacher (eager if compiling fails); auto = on CUDA")
     num_workers: int | Literal["auto"] = Field(
-        "auto", description="data-loading worker processes; auto = up to 8 on CUDA (pinned memory), 0 on CPU")
+        "auto", description="data-loading worker processes; auto = on CUDA one per CPU of the process's share "
+        "(affinity, OMP_NUM_THREADS) but one, at most 8, pinned memory; 0 on CPU")
     target_views: int = Field(
         0, ge=0, description="K cached teacher targets per image (seeded views, fp16 memmap); 0 = live teacher")
     target_cache_dir: str = Field("", description="site-local folder of the target cache (empty = $FEDUS_CACHE/targets)")
@@ -145,8 +146,12 @@ class FederationConfig(_Section):
         "none", description="aggregation: example-weighted FedAvg, or Flower's coordinate-wise trimmed mean / median")
     trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fraction cut at each end by robust = trimmed-mean")
     evaluate_every: int = Field(
-        1, ge=1, description="federated evaluation every N rounds (round 0 and the last always): each evaluation is one "
-        "more ClientApp start and student download per site, the largest share of a deployed round's overhead")
+        1, ge=1, description="federated evaluation every N rounds (round 0 and the last always); evaluated apart "
+        "(evaluate-with-train off), each is one more ClientApp start and student download per site")
+    evaluate_with_train: bool = Field(
+        True, description="a round's global student is evaluated by the next round's train message, before the site "
+        "trains (one ClientApp start and one download per site per round instead of two); the last round's has its "
+        "own. Separate evaluate messages under secure aggregation or fraction-train < 1")
     max_norm_ratio: float = Field(
         10.0, ge=0, description="reject an update whose norm exceeds this x the round's median (>= 3 sites; 0 = off)")
     transfer_dtype: Literal["fp16", "bf16", "fp32", "int8-delta"] = Field(

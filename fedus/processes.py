@@ -42,6 +42,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
                PYTHONPATH=os.pathsep.join(filter(None, [str(APP_ROOT), env.get("PYTHONPATH", "")])),
                # Flower spawns flower-superexec / flwr-serverapp by name: the venv must be on PATH
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    # Flower's executors look for a new ServerApp / ClientApp task once a second by default: every
+    # message waits half of that on average before its process even starts (overridable)
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     return env
 
 

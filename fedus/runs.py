@@ -56,25 +56,30 @@ def describe_data(cfg: RunConfig) -> str:
 
 def round_line(summary: dict[str, Any], server_round: int) -> str | None:
     """The operator's one line for a finished round: who answered, training loss, held-out cosine
-    to the teacher, privacy spent. None while the round is not in the record."""
-    entry = next((e for e in summary.get("rounds", []) if e["round"] == server_round), None)
+    to the teacher (under evaluate-with-train the latest evaluated student's, one round behind),
+    privacy spent. None while the round is not in the record."""
+    rounds = {e["round"]: e for e in summary.get("rounds", [])}
+    entry = rounds.get(server_round)
     if entry is None:
         return None
     agg = entry.get("aggregate", {})
     parts = [f"round {server_round}:"]
 
-    def mean(kind: str, key: str) -> float | None:
-        values = [float(m[key]) for m in entry.get(kind, {}).values() if key in m]
+    def mean(e: dict[str, Any], kind: str, key: str) -> float | None:
+        values = [float(m[key]) for m in e.get(kind, {}).values() if key in m]
         return sum(values) / len(values) if values else None
 
     for kind, verb in (("train", "trained"), ("eval", "evaluated")):
         if f"{kind}_sites_replied" in agg:
             failed = agg.get(f"{kind}_sites_failed", 0)
             parts.append(f"{agg[f'{kind}_sites_replied']} sites {verb}" + (f" ({failed} failed)" if failed else "") + ",")
-    if (loss := mean("train", "train_loss_last")) is not None:
+    if (loss := mean(entry, "train", "train_loss_last")) is not None:
         parts.append(f"train loss {loss:.4g},")
-    if (cos := mean("eval", "cos")) is not None:
-        parts.append(f"held-out cos {cos:.3f},")
+    evaluated = [r for r in sorted(rounds) if r <= server_round and mean(rounds[r], "eval", "cos") is not None]
+    if evaluated:
+        r = evaluated[-1]
+        whose = f" (round {r}'s student)" if r != server_round else ""
+        parts.append(f"held-out cos {mean(rounds[r], 'eval', 'cos'):.3f}{whose},")
     spent = [float(s["epsilon_total"]) for s in summary.get("privacy", {}).values() if "epsilon_total" in s]
     if spent:
         parts.append(f"site epsilon up to {max(spent):.3g},")
@@ -107,7 +112,8 @@ class RunRecorder:
 
     @classmethod
     def resume(cls, run_dir: str | Path, cfg: RunConfig) -> tuple["RunRecorder", int, dict[str, torch.Tensor]]:
-        """Continue a run from its last *completed* round (trained, aggregated, checkpointed, evaluated).
+        """Continue a run from its last *completed* round (trained, aggregated, checkpointed; its
+        evaluation, if still owed, is done by the resumed run first or carried by its first train message).
 
         Rounds after it are dropped from the record and run again; the server's RNG state
         saved with that round is restored, so the continuation equals an uninterrupted run.
@@ -121,7 +127,7 @@ class RunRecorder:
         saved = RunConfig.from_dict(summary["config"]).model_copy(update={"run_dir": "", "resume": False, "rounds": 0})
         if saved != cfg.model_copy(update={"run_dir": "", "resume": False, "rounds": 0}):
             raise ConfigError(f"cannot resume {run_dir} with a different run config (only rounds may change)")
-        done = [e["round"] for e in summary["rounds"] if "checkpoint" in e and "eval" in e
+        done = [e["round"] for e in summary["rounds"] if "checkpoint" in e
                 and (run_dir / e["checkpoint"]).is_file() and e["round"] <= int(state_file["round"])]
         if not done:
             raise ConfigError(f"nothing to resume in {run_dir}: no completed round")

@@ -38,8 +38,7 @@ def main(grid: Grid, context: Context) -> None:
         min_train_nodes=fed.min_sites, min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
     )
     try:
-        if done == 0:
-            strategy.evaluate_initial(grid, arrays, timeout=fed.round_timeout)
+        strategy.evaluate_pending(grid, arrays, timeout=fed.round_timeout)
         clock = ConfigRecord({"rounds": cfg.rounds})
         if cfg.rounds > done and cfg.secure_aggregation.enabled:
             run_secure(strategy, grid, context, arrays, cfg.rounds - done, fed.round_timeout, clock, clock)

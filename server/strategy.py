@@ -4,6 +4,10 @@ Aggregation itself is Flower's: this subclass only records each site's reply
 (per-site metrics, failures) and checkpoints the global student every round.
 With `federation.server-optimizer`, Flower's FedAdam / FedYogi / FedAdagrad /
 FedAvgM step on that aggregate (server/optimizer.py), their state checkpointed too.
+By default a round's global student is evaluated by the next round's train message
+(`federation.evaluate-with-train`): the site scores the student it was sent before
+training on it, the reply carries both, and only the last round has an evaluate
+message of its own.
 With coreset selection on, it also runs a query round before training every R
 rounds (sites send score histograms) and puts the threshold and each site's keep
 count in that site's train config.
@@ -34,6 +38,8 @@ SITE_RECORD = "site"
 SCORES_RECORD = "site-scores"
 CORESET_RECORD = "coreset"
 THRESHOLD_KEY, KEEP_KEY = "coreset-threshold", "coreset-keep"  # train config a site reads (client/app.py)
+EVAL_RECORD = "eval"  # a train reply's evaluation of the student it was sent (evaluate-with-train)
+EVAL_ROUND_KEY = "evaluate-round"  # train config: evaluate the received student first, as this round's global
 SECURE_SITE_KEY = "site"  # under SecAgg+ a reply is Flower's legacy FitRes: the site's name rides in its metrics
 
 
@@ -78,6 +84,9 @@ class FedusFedAvg(FedAvg):
         self.bytes_down = 0  # server -> sites, this round's train messages
         self.began: dict[str, float] = {}  # when each phase was configured: round wall times for the record
         self.coreset: tuple[float, dict[int, int]] | None = None  # last threshold, keep count per node id
+        fed = cfg.federation  # evaluation rides in train messages only where those reach every site, unmasked
+        self.with_train = fed.evaluate_with_train and fed.fraction_train >= 1.0 and not cfg.secure_aggregation.enabled
+        self.carried: int | None = None  # the round whose evaluation this round's train messages carry
         self.central_dp = (CentralDP(cfg.central_dp, cfg.federation.min_sites, cfg.seed)
                            if cfg.central_dp.mode != "off" else None)
         if self.central_dp is not None:
@@ -124,6 +133,10 @@ class FedusFedAvg(FedAvg):
         self.sent = arrays  # updates are validated against what was sent
         # Flower passes the same ConfigRecord every round: on_the_wire copies before adding to it.
         wire, config = self.on_the_wire(arrays, config)
+        previous = server_round + self.offset - 1
+        self.carried = previous if self.with_train and self.evaluates(previous) else None
+        if self.carried is not None:
+            config = ConfigRecord(dict(config) | {EVAL_ROUND_KEY: self.carried})
         if self.central_dp is not None:
             config = ConfigRecord(dict(config) | self.central_dp.train_config())
         messages = list(super().configure_train(server_round + self.offset, wire, config, grid))
@@ -177,9 +190,14 @@ class FedusFedAvg(FedAvg):
         """Federated evaluation in this (true) round: round 0 and the last always, else every `evaluate-every`."""
         return server_round <= 0 or server_round >= self.cfg.rounds or server_round % self.cfg.federation.evaluate_every == 0
 
+    def evaluated_apart(self, server_round: int) -> bool:
+        """Whether this (true) round's global student gets evaluate messages of its own: always without
+        evaluate-with-train, else only the last round's (no train message follows it)."""
+        return self.evaluates(server_round) and (not self.with_train or server_round >= self.cfg.rounds)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.began["eval"] = time.monotonic()
-        if not self.evaluates(server_round + self.offset):
+        if not self.evaluated_apart(server_round + self.offset):
             self.asked["eval"] = 0
             return []
         messages = list(super().configure_evaluate(server_round + self.offset, *self.on_the_wire(arrays, config), grid))
@@ -187,15 +205,17 @@ class FedusFedAvg(FedAvg):
         return messages
 
     def _per_site(self, server_round: int, kind: str, replies: Iterable[Message],
-                  notes: dict[int, dict] | None = None) -> list[Message]:
-        """`notes`: extra per-site fields (refusal, rejection) keyed by id() of the reply."""
+                  notes: dict[int, dict] | None = None, record: str | None = None) -> list[Message]:
+        """`notes`: extra per-site fields (refusal, rejection) keyed by id() of the reply. `record`: the
+        MetricRecord holding this kind's metrics, if not the reply's first (a train reply's carried
+        evaluation is in EVAL_RECORD)."""
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
         per_site, sites = {}, {}
         for m in ok:
             info = dict(m.content[SITE_RECORD]) if SITE_RECORD in m.content else {}
             name = str(info.pop("name", f"node-{m.metadata.src_node_id}"))
-            per_site[name] = dict(next(iter(m.content.metric_records.values())))
+            per_site[name] = dict(m.content[record] if record else next(iter(m.content.metric_records.values())))
             if SCORES_RECORD in m.content:
                 per_site[name].update(dict(m.content[SCORES_RECORD]))
             per_site[name].update((notes or {}).get(id(m), {}))
@@ -234,6 +254,7 @@ class FedusFedAvg(FedAvg):
         train_wall = time.monotonic() - self.began["train"] if "train" in self.began else 0
         # a fixed order (by site name) makes the floating-point sum independent of arrival order
         replies = sorted(replies, key=site_name)
+        self.carried_evaluation(replies)
         self.arrived(replies)
         usable, notes = self.screen(server_round, replies)
         self._per_site(server_round, "train", replies, notes)
@@ -256,6 +277,23 @@ class FedusFedAvg(FedAvg):
         else:
             arrays, metrics = aggregate(self, server_round, usable)
         return self.commit(server_round, arrays), metrics
+
+    def carried_evaluation(self, replies: list[Message]) -> None:
+        """Record the previous round's evaluation that this round's train replies carried, then drop it
+        from them (Flower's aggregation expects one ArrayRecord and one MetricRecord per reply). A site
+        that failed the train message is a failed evaluation too; one that answered without the
+        evaluation (it could not, or ignored the key) likewise."""
+        if self.carried is None:
+            return
+        carried = [m for m in replies if not m.has_error() and EVAL_RECORD in m.content]
+        self.asked["eval"] = max(len(replies), self.asked["train"])
+        self._per_site(self.carried, "eval", carried, record=EVAL_RECORD)
+        self.recorder.record_counts(self.carried, {"eval_with_train": 1})
+        for m in carried:
+            del m.content[EVAL_RECORD]
+            if SCORES_RECORD in m.content:
+                del m.content[SCORES_RECORD]
+        self.carried = None
 
     def commit(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """The round's aggregate becomes the global student: dtypes as sent, the server optimiser's step
@@ -336,7 +374,7 @@ class FedusFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         now = time.monotonic()
-        if not self.evaluates(server_round + self.offset):  # no evaluation this round: its wall time only
+        if not self.evaluated_apart(server_round + self.offset):  # no evaluate messages this round: its wall time only
             if "train" in self.began:
                 self.recorder.record_counts(server_round + self.offset,
                                             {"round_wall_s": round(now - self.began["train"], 3)})
@@ -348,7 +386,12 @@ class FedusFedAvg(FedAvg):
         self.recorder.record_counts(server_round + self.offset, walls)
         return super().aggregate_evaluate(server_round, replies)
 
-    def evaluate_initial(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
-        """Round 0 at every site: the random-init student's scores and the teacher's probes."""
-        messages = self.configure_evaluate(-self.offset, arrays, ConfigRecord(), grid)
-        self.aggregate_evaluate(-self.offset, grid.send_and_receive(messages, timeout=timeout))
+    def evaluate_pending(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
+        """Before this process's first round, the global student in hand - round 0's (the random-init
+        student; the teacher's probes), or a resumed run's last checkpoint's - is evaluated now, unless
+        that is on record already or the next train message carries it."""
+        done = any(e["round"] == self.offset and "eval" in e for e in self.recorder.summary["rounds"])
+        if done or not self.evaluated_apart(self.offset):
+            return
+        messages = self.configure_evaluate(0, arrays, ConfigRecord(), grid)
+        self.aggregate_evaluate(0, grid.send_and_receive(messages, timeout=timeout))

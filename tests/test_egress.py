@@ -18,7 +18,7 @@ from client.replies import MAX_LIST, RECORDS, VALUE_TYPES, EgressViolation, allo
 from fedus.config import RunConfig
 from fedus.site import initial_student
 from server.central_dp import KEY_BELOW_CLIP, KEY_CLIPPING_NORM
-from server.strategy import KEEP_KEY, SITE_RECORD, THRESHOLD_KEY
+from server.strategy import EVAL_ROUND_KEY, KEEP_KEY, SITE_RECORD, THRESHOLD_KEY
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread", "task_identity")
@@ -101,6 +101,7 @@ def replies(synthetic_manifest, site_dir, tmp_path_factory) -> dict[str, tuple[M
         _context(dp, **{"partition-id": 1, "num-partitions": 2, "epsilon-budget": 100.0,
                         "privacy-ledger": str(tmp / "training.json")}))
     run("evaluate", _message(base, MessageType.EVALUATE, server_round=0), _context(base))  # probes + teacher's
+    run("train-evaluates", _message(base, MessageType.TRAIN, **{EVAL_ROUND_KEY: 0}), _context(base))  # carries round 0's
     coreset = base.with_overrides(["coreset.enabled=true", "coreset.bins=8", "coreset.warmup-steps=1"])
     context = _context(coreset)
     run("query", _message(coreset, MessageType.QUERY), context)
@@ -140,8 +141,8 @@ def _audit(reply: Message, sent: dict, forbidden: set[str]) -> None:
                 assert not leaked, (name, key, leaked[:3])
 
 
-@pytest.mark.parametrize("kind", ["train", "train-refused", "train-dp", "evaluate", "query", "train-coreset",
-                                  "train-central-dp"])
+@pytest.mark.parametrize("kind", ["train", "train-refused", "train-dp", "evaluate", "train-evaluates", "query",
+                                  "train-coreset", "train-central-dp"])
 def test_every_reply_is_on_the_allow_list(replies, forbidden, kind):
     reply, sent = replies[kind]
     _audit(reply, sent, forbidden)
@@ -157,6 +158,9 @@ def test_the_replies_are_what_each_case_is_about(replies):
     assert "loss_after" not in content["train-dp"]["metrics"]  # training-set losses stay home under DP
     assert set(content["evaluate"].keys()) == {"metrics", "site", "site-scores"}
     assert any(k.startswith("teacher_") for k in content["evaluate"]["site-scores"].keys())
+    assert set(content["train-evaluates"].keys()) == {"metrics", "eval", "site", "site-scores", "arrays"}
+    assert dict(content["train-evaluates"]["eval"]).keys() == {"cos", "mse", "num-examples", "eval_seconds"}
+    assert any(k.startswith("teacher_") for k in content["train-evaluates"]["site-scores"].keys())
     assert set(content["query"].keys()) == {"coreset"}
     assert content["train-coreset"]["metrics"]["coreset_kept"] == 5
     assert content["train-central-dp"]["metrics"][KEY_BELOW_CLIP] in (0, 1)

@@ -26,6 +26,22 @@ def test_auto_is_the_fast_path_on_cuda_and_plain_eager_on_cpu():
     assert (forced.compile, forced.channels_last, forced.num_workers) == (True, True, 3)
 
 
+def test_auto_loader_workers_keep_to_the_process_share_of_cpus(monkeypatch):
+    """A Ray actor with num-cpus = 3 (Ray sets OMP_NUM_THREADS to it) gets 2 workers, not one per core
+    of the machine; a process with one CPU loads in-process."""
+    gpu, cfg = torch.device("cuda"), TrainConfig()
+    monkeypatch.setattr(fp.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert fp.loader_workers(cfg, gpu) == fp.MAX_AUTO_WORKERS
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert fp.loader_workers(cfg, gpu) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert fp.loader_workers(cfg, gpu) == 0 and fp.loader_workers(cfg, torch.device("cpu")) == 0
+    monkeypatch.setattr(fp.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # a share larger than the mask: the mask
+    assert fp.loader_workers(cfg, gpu) == 1
+
+
 def _train(tiny_cfg, *extra):
     site = Site(tiny_cfg.with_overrides(["train.local-steps=3", "train.mixup=false", *extra]), 0)
     return site.train(site.student().state_dict(), 1)

@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 
 from client.app import app as client_app
 from client.replies import EgressViolation, build_reply
+from fedus.config import RunConfig
 from fedus.runs import RunRecorder
 from fedus.site import get_site, initial_student
 from server.strategy import FedusFedAvg
@@ -180,30 +181,66 @@ def test_coreset_query_sends_only_a_histogram_and_train_keeps_its_share(tiny_cfg
     assert metrics["coreset_kept"] == 5 and metrics["num-examples"] == 5
 
 
-def test_evaluate_every_skips_federated_evaluation_between_rounds(tiny_cfg, task_identity, tmp_path):
-    """federation.evaluate-every = 2 over 3 rounds: evaluation at rounds 0, 2 and 3 (the last) only, so round 1
-    costs each site one message instead of two; its wall time is still recorded. The real ServerApp main and
-    ClientApp, in one process (tests/loopback.py)."""
+def _loopback_run(cfg: RunConfig, run_dir) -> tuple[dict, list[str]]:
+    """The real ServerApp main and ClientApp over two sites, in one process (tests/loopback.py): the run
+    record, and the kinds of the messages the sites received."""
     import json
 
     from server.app import main as server_main
     from tests.loopback import LoopbackGrid
 
-    cfg = tiny_cfg.with_overrides([f'run-dir="{tmp_path / "run"}"', "rounds=3", "federation.evaluate-every=2",
-                                   "federation.min-sites=2", 'eval.probe-rounds=""'])
+    cfg = cfg.with_overrides([f'run-dir="{run_dir}"'])
     contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": i, "num-partitions": 2},
                            state=RecordDict(), run_config=cfg.to_flat()) for i, n in enumerate((21, 22))}
     grid = LoopbackGrid(client_app, contexts)
     server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flat()))
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    return json.loads((run_dir / "summary.json").read_text()), [m.metadata.message_type for m in grid.received]
+
+
+def test_evaluate_every_skips_federated_evaluation_between_rounds(tiny_cfg, task_identity, tmp_path):
+    """federation.evaluate-every = 2 over 3 rounds, evaluate messages of their own: evaluation at rounds 0, 2
+    and 3 (the last) only, so round 1 costs each site one message instead of two; its wall time is still recorded."""
+    cfg = tiny_cfg.with_overrides(["rounds=3", "federation.evaluate-every=2", "federation.evaluate-with-train=false",
+                                   "federation.min-sites=2", 'eval.probe-rounds=""'])
+    summary, kinds = _loopback_run(cfg, tmp_path / "run")
     rounds = {e["round"]: e for e in summary["rounds"]}
     assert summary["status"] == "completed" and sorted(rounds) == [0, 1, 2, 3]
     assert [r for r in rounds if "eval" in rounds[r]] == [0, 2, 3]
     assert all(len(rounds[r]["eval"]) == 2 for r in (0, 2, 3))
     assert all(len(rounds[r]["train"]) == 2 and rounds[r]["aggregate"]["round_wall_s"] > 0 for r in (1, 2, 3))
-    kinds = [m.metadata.message_type for m in grid.received]
     assert kinds.count(MessageType.EVALUATE) == 6 and kinds.count(MessageType.TRAIN) == 6
     from fedus.reports.report import write_report
 
     write_report(tmp_path / "run")  # per-round curves with a round that has no evaluation
     assert "round" in (tmp_path / "run" / "report" / "rounds.csv").read_text()
+
+
+def test_evaluation_carried_by_train_messages_equals_separate_evaluation(tiny_cfg, task_identity, tmp_path):
+    """evaluate-with-train (the default): each round's global student is scored by the next round's train
+    message, only the last by an evaluate message of its own - 2 rounds cost each site 3 messages, not 5.
+    The run record is the same as with separate evaluate messages: every round's per-site scores (probes
+    and the teacher's at round 0 included) and the final student, bit for bit."""
+    from fedus.models.weights import load_state
+
+    cfg = tiny_cfg.with_overrides(["rounds=2", "federation.min-sites=2", 'eval.probe-rounds="0"'])
+    runs = {}
+    for carried in (True, False):
+        run_dir = tmp_path / f"carried-{carried}"
+        summary, kinds = _loopback_run(cfg.with_overrides([f"federation.evaluate-with-train={str(carried).lower()}"]),
+                                       run_dir)
+        assert summary["status"] == "completed"
+        final = load_state(run_dir / "global-round-002.safetensors")
+        runs[carried] = ({e["round"]: e for e in summary["rounds"]}, kinds, final)
+    (with_train, kinds, final), (apart, kinds_apart, final_apart) = runs[True], runs[False]
+    assert kinds.count(MessageType.TRAIN) == 4 and kinds.count(MessageType.EVALUATE) == 2
+    assert kinds_apart.count(MessageType.TRAIN) == 4 and kinds_apart.count(MessageType.EVALUATE) == 6
+    assert sorted(with_train) == sorted(apart) == [0, 1, 2]
+    for r in range(3):
+        assert len(apart[r]["eval"]) == 2 and with_train[r]["eval"].keys() == apart[r]["eval"].keys(), r
+        for site, scores in apart[r]["eval"].items():
+            carried = with_train[r]["eval"][site]
+            assert carried.keys() - {"startup_seconds"} == scores.keys() - {"startup_seconds"}, (r, site)
+            assert all(carried[k] == scores[k] for k in scores if not k.endswith("_seconds")), (r, site)
+        assert (with_train[r]["aggregate"]["eval_sites_replied"], with_train[r]["aggregate"]["eval_sites_failed"]) == (2, 0)
+    assert all(any(k.startswith("teacher_") for k in scores) for scores in with_train[0]["eval"].values())
+    assert all(torch.equal(final[k], final_apart[k]) for k in final_apart)

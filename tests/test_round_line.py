@@ -15,3 +15,15 @@ def test_round_line_says_who_answered_the_loss_the_cosine_and_the_privacy_spent(
     assert "2 sites evaluated" in line and "held-out cos 0.600" in line
     assert "central epsilon 4.25" in line and "quorum not met" in line
     assert round_line(rec.summary, 2) is None
+
+
+def test_round_line_under_evaluate_with_train_shows_the_latest_evaluated_student(tmp_path):
+    """A round's own global student is scored by the next round's train message: its line carries the
+    previous round's cosine, labelled as such, rather than none."""
+    rec = RunRecorder(tmp_path / "run", RunConfig(), {})
+    rec.record(0, "eval", {"a": {"cos": 0.1}})
+    rec.record(1, "train", {"a": {"train_loss_last": 2.0}})
+    assert round_line(rec.summary, 1) == "round 1: 1 sites trained, train loss 2, held-out cos 0.100 (round 0's student)"
+    rec.record(1, "eval", {"a": {"cos": 0.4}})
+    rec.record(2, "train", {"a": {"train_loss_last": 1.0}})
+    assert "held-out cos 0.400 (round 1's student)" in round_line(rec.summary, 2)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from fedus.config import CoresetConfig, DistillConfig
 from fedus.coreset.feature import feature_rank, teacher_embeddings
@@ -25,6 +24,8 @@ def percentile(better: np.ndarray) -> np.ndarray:
     better = np.where(np.isfinite(better), better, -np.inf)
     if len(better) < 2:
         return np.ones(len(better))
+    from scipy.stats import rankdata  # here: scipy.stats is ~0.5 s of every ClientApp process's start
+
     return (rankdata(better) - 1) / (len(better) - 1)
 
 

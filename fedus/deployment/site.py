@@ -136,7 +136,7 @@ def run_site(s: SiteSettings) -> int:
                 raise FlowerProcessError(message)
             print(f"{message}; retrying in {delay:.0f}s", file=sys.stderr, flush=True)
             time.sleep(delay)
-            delay = min(delay * 2, 60.0)
+            delay = min(delay * 2, 15.0)  # a crashed site's old connection is freed ~60 s on: be back soon after
             if stopping:
                 return 0
     finally:

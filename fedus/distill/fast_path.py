@@ -47,10 +47,23 @@ def fast_path(cfg: TrainConfig, device: torch.device, student: nn.Module) -> Fas
     return FastPath(channels_last, compiled, loader_workers(cfg, device), pin_memory=cuda)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process's share is: its affinity mask (containers, taskset), narrowed by
+    OMP_NUM_THREADS where a launcher set it to the process's share - Ray does, to an actor's num-cpus,
+    so a simulation running several sites per machine does not start 8 loader workers per site."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        return max(1, min(cpus, int(os.environ.get("OMP_NUM_THREADS", cpus))))
+    except ValueError:
+        return cpus
+
+
 def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """auto: on a GPU, one worker per usable CPU but the main process's (at most 8); on CPU none,
+    the step itself uses the cores."""
     if cfg.num_workers != "auto":
         return int(cfg.num_workers)
-    return min(MAX_AUTO_WORKERS, max((os.cpu_count() or 1) - 1, 0)) if device.type == "cuda" else 0
+    return min(MAX_AUTO_WORKERS, usable_cpus() - 1) if device.type == "cuda" else 0
 
 
 BACKEND = "inductor"  # tests swap in a cheaper or a failing backend
@@ -89,4 +102,5 @@ def with_eager_fallback(step, modules: list[nn.Module], enabled: bool):
         return step()
 
 
-__all__ = ["FastPath", "compile_in_place", "eager", "fast_path", "is_convolutional", "loader_workers", "uncompile", "with_eager_fallback"]
+__all__ = ["FastPath", "compile_in_place", "eager", "fast_path", "is_convolutional", "loader_workers", "uncompile",
+           "usable_cpus", "with_eager_fallback"]

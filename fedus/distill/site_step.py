@@ -115,7 +115,8 @@ def site_step(
     student.to(device, memory_format=fast.memory_format).train()
     teacher.to(device, memory_format=fast.memory_format)
     compiled = [student] + ([teacher] if targets is None else [])  # cached targets: the teacher runs only on misses
-    if fast.compile and privacy is None:
+    compiling = fast.compile and privacy is None  # DP-SGD's per-sample hooks stay eager
+    if compiling:
         for module in compiled:
             compile_in_place(module)
     reference_images = reference_images.to(device)
@@ -161,7 +162,7 @@ def site_step(
             dp.noise_only_step()  # Poisson sampling drew nobody: still a (noise-only) step
             continue
         out = with_eager_fallback(lambda: train_on(batch, images, step), compiled,
-                                  fast.compile and privacy is None and step == 0)
+                                  compiling and step == 0)
         for key, value in out.parts.items():
             parts_sum[key] = parts_sum.get(key, 0.0) + value
         losses.append(out.loss.detach())  # no sync per step: the host can run ahead of the GPU

@@ -114,16 +114,12 @@ class TargetCache:
         return torch.arange(n) * self.slots + self.views
 
     def lookup(self, teacher: torch.nn.Module, slots: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """Teacher tokens [B, N, D] (fp32, on `images`' device) for these slots; the teacher runs
-        only on the slots never seen before, and its fp16 result is stored."""
+        """Teacher tokens [B, N, D] (fp32, on `images`' device) for these slots (e.g. the reference
+        batch's), read here rather than by a loader worker; as `complete`."""
         idx = slots.cpu().numpy()
-        missing = np.flatnonzero(self.filled[idx] == 0)
-        if missing.size:
-            with torch.no_grad():
-                self.store(idx[missing], teacher(images[torch.from_numpy(missing).to(images.device)]).float())
-        self.misses += int(missing.size)
-        self.hits += int(idx.size - missing.size)
-        return torch.from_numpy(np.ascontiguousarray(self.targets[idx])).to(images.device).float()
+        batch = {"slot": slots.cpu(), "filled": torch.from_numpy(np.ascontiguousarray(self.filled[idx])),
+                 "target": torch.from_numpy(np.ascontiguousarray(self.targets[idx]))}
+        return self.complete(teacher, batch, images)
 
     def complete(self, teacher: torch.nn.Module, batch: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         """Targets [B, N, D] for a loader batch of `CachedViews` items: the stored tokens the workers read,
@@ -135,7 +131,7 @@ class TargetCache:
             with torch.no_grad():
                 fresh = teacher(images[missing.to(images.device)]).float()
             self.store(idx, fresh)
-            wanted[missing.to(images.device)] = fresh
+            wanted[missing.to(images.device)] = fresh.half().float()  # as stored: a target is the same hit or miss
         self.misses += int(missing.numel())
         self.hits += int(len(batch["slot"]) - missing.numel())
         return wanted
