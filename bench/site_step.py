@@ -51,6 +51,7 @@ from fedus.distill import site_step  # noqa: E402
 from fedus.distill.fast_path import fast_path  # noqa: E402
 from fedus.distill.site_step import distill_loss_on, fused_available, site_loader  # noqa: E402
 from fedus.distill.target_cache import CachedViews, TargetCache  # noqa: E402
+from fedus.distill.resident import use_resident  # noqa: E402
 from fedus.models import create_student, create_teacher  # noqa: E402
 
 PRESETS = {
@@ -165,6 +166,7 @@ def fedus_cached(p: dict, pool: torch.Tensor, device: torch.device, cache_root: 
     draw_s = time.perf_counter() - began
     ref = pool[:8].unsqueeze(1).expand(-1, 3, -1, -1).float().div(255)
     fill = site_step(student, teacher, views, ref, cfg, seed=0, device=device, targets=cache).metrics
+    resident = use_resident(cfg, device, views)  # train.cache-on-device = auto: the steady round's input path
     steady = site_step(student, teacher, views, ref, cfg.model_copy(update={"local_steps": steady_steps}), 1, device,
                        targets=cache).metrics
     epoch_fill = fill["seconds"]  # includes compiling the student (once per process, like round 1 of a run)
@@ -177,6 +179,7 @@ def fedus_cached(p: dict, pool: torch.Tensor, device: torch.device, cache_root: 
         "fill_round": {"steps": fill_steps, "images_per_s": fill["images_per_s"], "seconds": fill["seconds"],
                        "hit_rate": fill["target_cache_hit_rate"], "includes": "compiling the student"},
         "steady_hit_rate": steady["target_cache_hit_rate"], "views_drawn_s": draw_s,
+        "steady_input": "views + tokens held on the device" if resident else "loader workers from the memory maps",
         f"amortised_images_per_s_{e}_epochs": amortised,
         "cache_gib": (cache.targets.nbytes + n * k * 3 * p["image_size"] ** 2) / 2**30}
 

@@ -66,11 +66,11 @@ def run_scenario(name: str, overrides: list[str], run_dir: Optional[Path], fit_s
     cfg = scenario.config
     run_dir = (run_dir or default_run_dir(scenario.name)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    teacher = create_teacher(cfg.teacher, cfg.data.image_size)  # fails fast on bad arch/weights (before data)
+    create_student(cfg.student, teacher.dim, teacher.grid, cfg.data.image_size, cfg.seed)
     manifest = resolve_manifest(cfg.data, cfg.seed)
     cfg = cfg.with_overrides({"data.manifest": str(manifest)})
     sites = list_sites(read_manifest(manifest), cfg.data.site_column, cfg.data.held_out_sites)
-    teacher = create_teacher(cfg.teacher, cfg.data.image_size)  # fails fast on bad arch/weights
-    create_student(cfg.student, teacher.dim, teacher.grid, cfg.data.image_size, cfg.seed)
     console.print(f"[bold]{scenario.name}[/bold]: {len(sites)} sites, {cfg.rounds} rounds -> {run_dir}")
     if not cfg.teacher.weights:
         steps = fit_steps if fit_steps is not None else scenario.fit_teacher_steps

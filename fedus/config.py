@@ -93,6 +93,9 @@ class TrainConfig(_Section):
     target_views: int = Field(
         0, ge=0, description="K cached teacher targets per image (seeded views, fp16 memmap); 0 = live teacher")
     target_cache_dir: str = Field("", description="site-local folder of the target cache (empty = $FEDUS_CACHE/targets)")
+    cache_on_device: Literal["auto", "on", "off"] = Field(
+        "auto", description="hold a filled target cache's views and tokens on the device for the round (no loader "
+        "workers); auto = on CUDA when they take at most a quarter of its free memory")
     fused_optimizer: bool = Field(
         True, description="fused AdamW (one kernel per step) where torch has it for the device and dtype; else the default")
 

@@ -26,7 +26,7 @@ from fedus.data.sites import SiteData, load_site
 from fedus.distill.clock import RoundClock
 from fedus.distill.losses import attach_distill_modules, required_views
 from fedus.distill.site_step import site_step
-from fedus.distill.fast_path import loader_workers
+from fedus.distill.fast_path import eager, loader_workers
 from fedus.distill.target_cache import CachedViews, TargetCache, site_target_cache
 from fedus.evaluation.site_eval import probe_scores, teacher_agreement
 from fedus.models import Student, Teacher, create_student, create_teacher
@@ -110,10 +110,12 @@ class Site:
         """Coreset scores of the training images with the global student of `server_round` (fedus.coreset),
         by the run's own loss mix at the round's start on the global clock."""
         t = self.cfg.train
-        return score_site(self.student(state), self.teacher, self.data.train.images, self.cfg.coreset, t.lr,
-                          t.weight_decay, t.batch_size, derived_seed(self.cfg.seed, "coreset", server_round, self.name),
-                          self.device, t.precision, self.cfg.distill,
-                          RoundClock(server_round, self.cfg.rounds).progress(0, 1))
+        with eager():  # a teacher compiled by an earlier site step here would recompile per batch size
+            return score_site(self.student(state), self.teacher, self.data.train.images, self.cfg.coreset, t.lr,
+                              t.weight_decay, t.batch_size,
+                              derived_seed(self.cfg.seed, "coreset", server_round, self.name),
+                              self.device, t.precision, self.cfg.distill,
+                              RoundClock(server_round, self.cfg.rounds).progress(0, 1))
 
     def train(self, state: dict[str, torch.Tensor], server_round: int, rounds: int | None = None,
               ledger: PrivacyLedger | None = None, epsilon_budget: float | None = None,
@@ -191,23 +193,25 @@ class Site:
     def evaluate(self, state: dict[str, torch.Tensor], server_round: int) -> dict[str, float]:
         """Agreement every round; probes at the configured rounds (teacher's at round 0 only); with
         eval.protocol-at = last, the full protocol (teacher / student / random init) in the last round."""
-        ecfg = self.cfg.eval
-        began = time.perf_counter()
-        student = self.student(state).to(self.device).eval()
-        metrics = teacher_agreement(student, self.teacher, self.data, ecfg.batch_size, self.device, self.cfg.train.precision)
-        metrics["num-examples"] = len(self.data.test)
-        if self.cfg.probe_at(server_round):
-            seed = derived_seed(self.cfg.seed, "probe", self.name)
-            metrics.update(probe_scores(student, self.data, ecfg, seed, self.device))
-            if server_round == 0:
-                t = probe_scores(self.teacher, self.data, ecfg, seed, self.device)
-                metrics.update({f"teacher_{k}": v for k, v in t.items()})
-        if ecfg.protocol_at == "last" and server_round == self.cfg.rounds:  # slow: label fractions x seeds x 3 models
-            from fedus.evaluation.protocol import evaluate_models, to_metrics
+        with eager():  # a teacher compiled by an earlier site step in this process: no recompiles per batch size
+            ecfg = self.cfg.eval
+            began = time.perf_counter()
+            student = self.student(state).to(self.device).eval()
+            metrics = teacher_agreement(student, self.teacher, self.data, ecfg.batch_size, self.device,
+                                        self.cfg.train.precision)
+            metrics["num-examples"] = len(self.data.test)
+            if self.cfg.probe_at(server_round):
+                seed = derived_seed(self.cfg.seed, "probe", self.name)
+                metrics.update(probe_scores(student, self.data, ecfg, seed, self.device))
+                if server_round == 0:
+                    t = probe_scores(self.teacher, self.data, ecfg, seed, self.device)
+                    metrics.update({f"teacher_{k}": v for k, v in t.items()})
+            if ecfg.protocol_at == "last" and server_round == self.cfg.rounds:  # slow: fractions x seeds x 3 models
+                from fedus.evaluation.protocol import evaluate_models, to_metrics
 
-            metrics.update(to_metrics(evaluate_models(self.cfg, self, state)["summary"]))
-        metrics["eval_seconds"] = time.perf_counter() - began  # the site's own work (cf. train_seconds)
-        return metrics
+                metrics.update(to_metrics(evaluate_models(self.cfg, self, state)["summary"]))
+            metrics["eval_seconds"] = time.perf_counter() - began  # the site's own work (cf. train_seconds)
+            return metrics
 
 
 # A simulation worker process serves several sites in turn: keep their decoded

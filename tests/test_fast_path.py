@@ -57,6 +57,22 @@ def test_a_compiled_site_step_keeps_the_weight_names_and_matches_eager(tiny_cfg,
     assert m["loss_after"] < m["loss_before"]
 
 
+def test_after_a_compiled_step_evaluation_and_scoring_run_eagerly(tiny_cfg, monkeypatch):
+    """The live teacher stays compiled on the site (a process serves several rounds in simulation);
+    evaluation and coreset scoring, at their own batch sizes, must not trace or compile anything."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fp, "BACKEND", "aot_eager")
+    site = Site(tiny_cfg.with_overrides(["train.local-steps=2", "train.mixup=false", 'train.compile="on"',
+                                         "eval.batch-size=5", 'eval.probe-rounds=""', "coreset.warmup-steps=1"]), 0)
+    state, _ = site.train(site.student().state_dict(), 1)
+    assert getattr(site.teacher, "_compiled_call_impl", None) is not None  # compiled by the step
+    frames = sum(counters["frames"].values())
+    site.evaluate(state, 1)
+    site.coreset_scores(state, 2)
+    assert sum(counters["frames"].values()) == frames
+
+
 def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny_cfg, monkeypatch):
     def broken_backend(gm, example_inputs):
         raise RuntimeError("no C++ compiler on this site")

@@ -127,6 +127,12 @@ def test_leave_one_centre_out_on_the_public_corpus_gives_one_row_per_held_out_ce
     assert not any(_alive_for(run_dir / f"held-out-{c}") for c in centres)
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One FEDUS_CACHE for the user-mistake cases: the synthetic corpus some of them read is made once."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.mark.parametrize("args, message", [
     (["simulate", "--scenario", "public-corpus-by-center"], "FEDUS_CORPUS"),
     (["simulate", "--scenario", "synthetic-devices", "--teacher", "vit_not_a_model"], "unknown timm model"),
@@ -138,9 +144,9 @@ def test_leave_one_centre_out_on_the_public_corpus_gives_one_row_per_held_out_ce
     (["loco", "--scenario", "synthetic-devices", "--centre", "nowhere"], "no centre 'nowhere'"),
     (["simulate", "--scenario", "synthetic-devices", "--set", "data.held-out=nowhere"], "data.held-out names no site"),
 ])
-def test_user_mistakes_are_one_line_errors(tmp_path, args, message, fedus_cli):
+def test_user_mistakes_are_one_line_errors(tmp_path, args, message, fedus_cli, shared_cache):
     code, _, stderr = fedus_cli(*(args + ["--run-dir", str(tmp_path / "r")] if args[0] in ("simulate", "loco") else args),
-                             env=_env(tmp_path, None))
+                             env=_env(tmp_path, None) | {"FEDUS_CACHE": str(shared_cache)})
     assert code == 2
     assert message in stderr and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr

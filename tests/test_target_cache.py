@@ -1,5 +1,7 @@
 """Teacher target cache: same targets as the live teacher, read back without it, wiped when they'd be stale."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -109,3 +111,36 @@ def test_stored_views_survive_a_restart_and_are_redrawn_if_their_file_is_lost(ti
     (cache.root / "views.u8").unlink()
     redrawn = Site(cfg, 0).targets[1]
     assert torch.equal(redrawn.view(3), before)
+
+
+def test_a_filled_cache_held_on_the_device_trains_exactly_as_through_the_loader(tiny_cfg, tmp_path, teacher_calls,
+                                                                              monkeypatch):
+    """train.cache-on-device: once every view is filled, the round's batches are gathers from device copies
+    of the stored views and tokens - the loader path's batches (same sampler, same generator), so the
+    student comes out bit-identical, without the teacher. A fill round keeps the loader path."""
+    from fedus.distill.resident import use_resident
+
+    cfg = _cfg(tiny_cfg, tmp_path, "train.target-views=2")
+    site = Site(cfg.with_overrides(['train.cache-on-device="on"']), 0)
+    cache, views = site.targets
+    assert not use_resident(site.cfg.train, torch.device("cpu"), views)  # nothing filled yet
+    state0 = site.student().state_dict()
+    items = [views[j] for j in range(len(views))]  # fill every view, as epochs of fill rounds would
+    with torch.no_grad():
+        cache.lookup(site.teacher, torch.stack([i["slot"] for i in items]),
+                     torch.stack([i["image"] for i in items]).float() / 255)
+    assert use_resident(site.cfg.train, torch.device("cpu"), views)
+    assert not use_resident(cfg.train, torch.device("cpu"), views)  # auto: only on CUDA
+    results = {}
+    for mode in ("off", "on"):  # "off" also fills the reference batch's slots (the plain images)
+        teacher_calls["images"] = 0
+        if mode == "on":  # no loader at all
+            step_module = importlib.import_module("fedus.distill.site_step")  # (the package re-exports the function)
+            monkeypatch.setattr(step_module, "site_loader", lambda *a, **k: pytest.fail("loader path used"))
+        state, metrics = Site(cfg.with_overrides([f'train.cache-on-device="{mode}"']), 0).train(state0, 2)
+        results[mode] = state, metrics
+    (loader_state, loader_m), (resident_state, resident_m) = results["off"], results["on"]
+    assert teacher_calls["images"] == 0 and resident_m["target_cache_hit_rate"] == 1.0
+    assert resident_m["steps"] == loader_m["steps"] and resident_m["train_loss_last"] == loader_m["train_loss_last"]
+    assert all(torch.equal(resident_state[k], loader_state[k]) for k in loader_state)
+    assert not all(torch.equal(resident_state[k], state0[k]) for k in state0)  # it did train

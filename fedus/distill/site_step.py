@@ -18,6 +18,7 @@ from fedus.config import DistillConfig, TrainConfig
 from fedus.distill.clock import RoundClock
 from fedus.distill.fast_path import FastPath, compile_in_place, eager, fast_path, with_eager_fallback
 from fedus.distill.losses.registry import LossOutput
+from fedus.distill.resident import ResidentBatches, use_resident
 from fedus.distill.target_cache import TargetCache
 from fedus.distill.losses import StepInputs, create_objective, mixup, token_mse  # noqa: F401 (mixup: re-export)
 from fedus.models import Student, Teacher
@@ -111,7 +112,10 @@ def site_step(
     fast = fast_path(cfg, device, student)
     torch.manual_seed(seed)  # torchvision's augmentations draw from the global RNG
     generator = torch.Generator().manual_seed(seed)
-    loader = site_loader(train_set, cfg.batch_size, fast, generator)
+    if targets is not None and privacy is None and use_resident(cfg, device, train_set):  # a filled cache
+        loader = ResidentBatches(train_set, device, cfg.batch_size, generator)
+    else:
+        loader = site_loader(train_set, cfg.batch_size, fast, generator)
     student.to(device, memory_format=fast.memory_format).train()
     teacher.to(device, memory_format=fast.memory_format)
     compiled = [student] + ([teacher] if targets is None else [])  # cached targets: the teacher runs only on misses
