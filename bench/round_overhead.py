@@ -23,6 +23,8 @@ Fleet traffic count for the run (objects and messages, eval included).
     python bench/round_overhead.py                   # ~30-40 min on 2 busy cores
     python bench/round_overhead.py --only tiny       # the fixed overhead alone
     python bench/round_overhead.py --only tiny --student vit_tiny_patch16_224 --out ...
+    python bench/round_overhead.py --only tiny --student vit_tiny_patch16_224 --dtype fp16 \
+        --evaluate-with-train on off --rounds 3     # evaluation carried by train messages vs apart
 """
 
 from __future__ import annotations
