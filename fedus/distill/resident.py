@@ -61,19 +61,7 @@ def use_resident(cfg: TrainConfig, device: torch.device, train_set: Dataset) -> 
 
 
 def _slots(views: CachedViews, items: np.ndarray) -> np.ndarray:
-    image, view = np.divmod(items, views.cache.views)
-    return image * views.cache.slots + view
-
-
-class _Indices(Dataset):
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
+    return views.cache.slot(*np.divmod(items, views.cache.views))  # CachedViews' item -> slot, for many items
 
 
 class ResidentBatches:
@@ -95,7 +83,7 @@ class ResidentBatches:
             self.targets[at] = torch.from_numpy(np.ascontiguousarray(stored_targets[self.slots[chunk].numpy()])).to(device)
         self.device = device
         # the loader path's sampler, drawn from the same generator: the same batches in the same order
-        self.batches = DataLoader(_Indices(len(items)), batch_size=batch_size, shuffle=True, generator=generator,
+        self.batches = DataLoader(range(len(items)), batch_size=batch_size, shuffle=True, generator=generator,
                                   drop_last=len(items) >= batch_size)
 
     def __len__(self) -> int:
