@@ -29,7 +29,8 @@ from fedus.coreset import SiteScores, histogram, suppress_small_bins
 from fedus.privacy import PrivacyLedger
 from fedus.processes import process_age
 from fedus.site import Site, get_site
-from fedus.transfer import INT8_DELTA, TRANSFER_KEY, decode, encode, encode_delta, nbytes
+from fedus.transfer import (INT8_DELTA, TRANSFER_KEY, decode, encode, encode_delta, from_wire, layout_of, nbytes, pack,
+                            unpack)
 from server.central_dp import KEY_BELOW_CLIP, KEY_CLIPPING_NORM, clip_and_flag
 from server.secure_aggregation import CLIP_KEY, KEYS_KEY, MAX_WEIGHT_KEY, is_secure_instruction
 from server.strategy import EVAL_ROUND_KEY, KEEP_KEY, THRESHOLD_KEY
@@ -37,6 +38,7 @@ from server.strategy import EVAL_ROUND_KEY, KEEP_KEY, THRESHOLD_KEY
 app = ClientApp()
 CORESET_STATE = "coreset-scores"  # this node's scores between re-scorings (context.state: never sent)
 RESIDUAL_STATE = "transfer-residual"  # int8-delta's quantisation error, carried to the next round (never sent)
+RESIDUAL_LAYOUT = "transfer-residual-layout"  # how RESIDUAL_STATE's packed arrays split (fedus.transfer)
 
 
 def site_for(context: Context) -> Site:
@@ -69,19 +71,19 @@ def site_privacy(site: Site, context: Context) -> tuple[PrivacyLedger | None, fl
 
 
 def received(msg: Message, context: Context) -> tuple[Site, ConfigRecord, str, dict[str, torch.Tensor]]:
-    """This node's site, the instruction's config, its wire dtype and the student sent (back in fp32).
-    Under secure aggregation the instruction is Flower's legacy FitIns: unnamed arrays, named by the
-    config's key list."""
+    """This node's site, the instruction's config, its wire dtype (both ways) and the student sent (back
+    in fp32). Under secure aggregation the instruction is Flower's legacy FitIns: unnamed arrays, named
+    by the config's key list; otherwise packed (fedus.transfer)."""
     if is_secure_instruction(msg):
         ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         config = ConfigRecord(ins.config)
         arrays = parameters_to_ndarrays(ins.parameters)
         wire = {k: torch.from_numpy(a.copy()) for k, a in zip(str(config[KEYS_KEY]).split("\n"), arrays, strict=True)}
-    else:
-        config = msg.content["config"]
-        wire = msg.content["arrays"].to_torch_state_dict()
-    dtype = str(config.get(TRANSFER_KEY, "fp32"))  # the wire dtype, both ways (fedus.transfer)
-    return site_for(context), config, dtype, decode(wire, dtype)
+        dtype = str(config.get(TRANSFER_KEY, "fp32"))
+        return site_for(context), config, dtype, decode(wire, dtype)
+    config = msg.content["config"]
+    sent, dtype = from_wire(msg.content["arrays"].to_torch_state_dict(), config)
+    return site_for(context), config, dtype, sent
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -137,7 +139,7 @@ def secure_reply(msg: Message, site: Site, sent: dict[str, torch.Tensor], state:
     limit = float(config[CLIP_KEY])
     clipped = sum(int((v.abs() * ratio > limit).sum()) for v in update.values())
     metrics = metrics | {"secagg_clipped": clipped / max(1, sum(v.numel() for v in update.values()))}
-    reply = build_reply(msg, metrics, site_facts(site.name, site.describe()), update, expected)
+    reply = build_reply(msg, metrics, site_facts(site.name, site.describe()), update, expected, packed=False)
     return as_fitres(msg, reply, str(config[KEYS_KEY]).split("\n"), int(weight))
 
 
@@ -145,9 +147,15 @@ def upload_delta(new: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],
                  context: Context) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """int8-delta with error feedback (fedus.transfer): the residual stays in this node's context.state;
     a node without one (fresh process, first round here) starts from zero."""
-    stored = context.state.get(RESIDUAL_STATE)
-    payload, scales, residual = encode_delta(new, sent, stored.to_torch_state_dict() if stored else None)
-    context.state[RESIDUAL_STATE] = ArrayRecord(residual)
+    stored, layout, carried = context.state.get(RESIDUAL_STATE), context.state.get(RESIDUAL_LAYOUT), None
+    if stored is not None and layout is not None:
+        try:  # kept packed too: Flower moves context.state between SuperNode and ClientApp every message
+            carried = unpack(stored.to_torch_state_dict(), str(layout["layout"]))
+        except (ValueError, KeyError):
+            carried = None
+    payload, scales, residual = encode_delta(new, sent, carried)
+    context.state[RESIDUAL_STATE] = ArrayRecord(pack(residual))
+    context.state[RESIDUAL_LAYOUT] = ConfigRecord({"layout": layout_of(residual)})
     return payload, scales
 
 
@@ -192,8 +200,7 @@ def split_evaluation(scores: dict[str, float]) -> tuple[dict[str, float], dict[s
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     startup = process_age()
-    site = site_for(context)
-    state = decode(msg.content["arrays"].to_torch_state_dict(), str(msg.content["config"].get(TRANSFER_KEY, "fp32")))
+    site, _, _, state = received(msg, context)
     common, scores = split_evaluation(site.evaluate(state, int(msg.content["config"]["server-round"])))
     return build_reply(msg, common | {"startup_seconds": startup}, site_facts(site.name, site.describe()),
                        site_scores=scores)

@@ -22,7 +22,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from fedus.intake.card import K_ANONYMITY, check_card
-from fedus.transfer import SCALES_RECORD, scale_shape
+from fedus.transfer import SCALES_RECORD, pack, scale_shape
 from server.central_dp import KEY_BELOW_CLIP
 from server.strategy import CORESET_RECORD, EVAL_RECORD, SCORES_RECORD, SECURE_SITE_KEY, SITE_RECORD
 
@@ -161,13 +161,15 @@ def build_reply(
     scales: dict[str, torch.Tensor] | None = None,
     min_bin_count: int = K_ANONYMITY,
     evaluation: tuple[dict[str, float], dict[str, float]] | None = None,
+    packed: bool = True,
 ) -> Message:
     """`metrics` must have the same keys at every site (Flower aggregates them);
     `site_scores` are the site-specific ones (probes exist only where labels/masks do);
     `histogram`: coreset score counts per bin (a query reply: pass no metrics and no facts), no bin
     of 1..`min_bin_count`-1 images (the run's `coreset.min-bin-count`; strict by default);
     `scales`: int8-delta's per-tensor / per-channel scales of `state` (fedus.transfer);
-    `evaluation`: a train reply's (metrics, site_scores) for the student it was sent (evaluate-with-train)."""
+    `evaluation`: a train reply's (metrics, site_scores) for the student it was sent (evaluate-with-train);
+    `packed`: the arrays as one flat array per dtype (the Message API wire form), or by name (SecAgg+'s FitRes)."""
     content = RecordDict()
     if metrics or histogram is None:
         content["metrics"] = MetricRecord(_check_metrics(metrics))
@@ -180,12 +182,12 @@ def build_reply(
         content[EVAL_RECORD] = MetricRecord(_check_metrics(carried, EVAL_RECORD))
     if site_scores:
         content[SCORES_RECORD] = ConfigRecord(_check_metrics(site_scores, SCORES_RECORD))
-    if state is not None:
+    if state is not None:  # checked by name, then packed as the wire carries it (fedus.transfer)
         _check_arrays(state, expected)
-        content["arrays"] = ArrayRecord(state)
+        content["arrays"] = ArrayRecord(pack(state) if packed else state)
     if scales is not None:
         _check_scales(scales, state, expected)
-        content[SCALES_RECORD] = ArrayRecord(scales)
+        content[SCALES_RECORD] = ArrayRecord(pack(scales) if packed else scales)
     _audit(content)
     return Message(content, reply_to=msg)
 
@@ -196,7 +198,7 @@ def _audit(content: RecordDict) -> None:
     for name, record in content.items():
         if not isinstance(record, RECORDS.get(name, ())):
             raise EgressViolation(f"record '{name}' ({type(record).__name__}) is not on the egress allow-list")
-        if name == SCALES_RECORD and ("arrays" not in content or not set(record) <= set(content["arrays"])):
+        if name == SCALES_RECORD and "arrays" not in content:
             raise EgressViolation(f"'{SCALES_RECORD}' for arrays that are not in the reply")
         if name in ("arrays", SCALES_RECORD):  # checked against the student in build_reply
             continue

@@ -16,10 +16,22 @@ rounding error to add to its next delta (error feedback: nothing is lost for
 good, only delayed). Tensors under `MIN_QUANTISED` elements (biases, norm
 parameters and running stats: < 0.3 % of a ResNet's bytes) and integer buffers
 go as they are (fp32 / int). The server rebuilds received + scale * q in fp32.
+
+On the wire a student is *packed*: one flat array per dtype (`pack`), not one
+array per tensor. Flower moves every array as its own content-addressed
+object, one HTTP request per object per hop (server -> SuperLink -> SuperNode
+-> ClientApp and back), and a ClientApp that asks before its SuperNode has them
+backs off 1, 2, 4 ... s. `bench/wire_objects.py` (Flower alone, 24 MB each way):
+a round trip took a median 6.5 s as 1 array, 13.5 s as 150 and 31.7 s as 300.
+The message's config says how to read it back (`LAYOUT_KEY`: key, shape,
+dtype per tensor, in key order); a reply is packed in the layout the server
+derives from what it sent (`reply_layouts`), so it carries none. SecAgg+
+(server/secure_aggregation.py) still sends Flower's legacy arrays by name.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import torch
@@ -29,6 +41,7 @@ TRANSFER_KEY = "transfer-dtype"  # in the train/evaluate ConfigRecord: what the 
 INT8_DELTA = "int8-delta"
 # server -> site dtype; under int8-delta the download is fp16 (a site needs the weights, not a delta)
 WIRE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, INT8_DELTA: torch.float16}
+LAYOUT_KEY = "wire-layout"  # in the config record: how the packed arrays split into the student's tensors
 SCALES_RECORD = "delta-scales"  # the reply's second ArrayRecord under int8-delta: key -> fp32 scale(s)
 MIN_QUANTISED = 1024  # float tensors with fewer elements go as fp32 values (no scale, no residual)
 
@@ -139,5 +152,68 @@ def decode_delta(payload: dict[str, torch.Tensor], scales: dict[str, torch.Tenso
     return out
 
 
-__all__ = ["INT8_DELTA", "MIN_QUANTISED", "SCALES_RECORD", "TRANSFER_KEY", "TransferDtype", "WIRE", "decode",
-           "decode_delta", "dequantise", "encode", "encode_delta", "nbytes", "quantise", "quantised", "scale_shape"]
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def layout_of(state: dict[str, torch.Tensor]) -> str:
+    """JSON [[key, shape, dtype], ...] in key order: what `unpack` needs to rebuild `pack(state)`."""
+    return json.dumps([[k, list(state[k].shape), _dtype_name(state[k])] for k in sorted(state)], separators=(",", ":"))
+
+
+def pack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One flat tensor per dtype (named by it), the tensors concatenated in key order: sorted, not the
+    dict's, since a model's own order and a checkpoint's differ and both ends must agree."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for key in sorted(state):
+        groups.setdefault(_dtype_name(state[key]), []).append(state[key].detach().cpu().reshape(-1))
+    return {name: torch.cat(parts) for name, parts in groups.items()}
+
+
+def unpack(packed: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """`pack`'s inverse given the layout; ValueError when the arrays do not fit it (other dtypes, sizes)."""
+    try:
+        entries = [(str(k), tuple(int(d) for d in shape), str(dtype)) for k, shape, dtype in json.loads(layout)]
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"unreadable wire layout ({err})") from None
+    sizes: dict[str, list[int]] = {}
+    for _, shape, dtype in entries:
+        sizes.setdefault(dtype, []).append(int(torch.Size(shape).numel()))
+    if set(packed) != set(sizes):
+        raise ValueError(f"packed arrays {sorted(packed)} do not match the layout's dtypes {sorted(sizes)}")
+    parts = {}
+    for dtype, counts in sizes.items():
+        flat = packed[dtype]
+        if _dtype_name(flat) != dtype or flat.dim() != 1 or flat.numel() != sum(counts):
+            raise ValueError(f"packed '{dtype}' array: {_dtype_name(flat)} of {tuple(flat.shape)}, "
+                             f"expected {sum(counts)} elements")
+        parts[dtype] = iter(torch.split(flat, counts))
+    return {key: next(parts[dtype]).reshape(shape) for key, shape, dtype in entries}
+
+
+def to_wire(state: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The student as a message carries it: packed wire arrays, and the config entries saying how to read them."""
+    named = encode(state, dtype)
+    return pack(named), {TRANSFER_KEY: dtype, LAYOUT_KEY: layout_of(named)}
+
+
+def from_wire(packed: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], str]:
+    """(the student in fp32, the wire dtype) from a message's packed arrays and its config."""
+    if LAYOUT_KEY not in config:
+        raise ValueError(f"the message's config has no '{LAYOUT_KEY}': not a fedus student")
+    dtype = str(config.get(TRANSFER_KEY, "fp32"))
+    return decode(unpack(packed, str(config[LAYOUT_KEY])), dtype), dtype
+
+
+def reply_layouts(received: dict[str, torch.Tensor], dtype: str) -> tuple[str, str | None]:
+    """How a site packs its reply to `received` (the student as it arrived, fp32): the arrays' layout and,
+    under int8-delta, the scales'. Both ends derive it from the same student, so replies carry none."""
+    if dtype == INT8_DELTA:
+        payload, scales, _ = encode_delta(received, received)
+        return layout_of(payload), layout_of(scales)
+    return layout_of(encode(received, dtype)), None
+
+
+__all__ = ["INT8_DELTA", "LAYOUT_KEY", "MIN_QUANTISED", "SCALES_RECORD", "TRANSFER_KEY", "TransferDtype", "WIRE", "decode",
+           "decode_delta", "dequantise", "encode", "encode_delta", "from_wire", "layout_of", "nbytes", "pack", "quantise",
+           "quantised", "reply_layouts", "scale_shape", "to_wire", "unpack"]

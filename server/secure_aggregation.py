@@ -28,6 +28,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from fedus.config import ConfigError
+from fedus.transfer import LAYOUT_KEY, unpack
 from server.strategy import FedusFedAvg
 
 KEYS_KEY = "secagg-keys"  # the student's tensor names, in the order of the legacy Parameters list
@@ -89,12 +90,14 @@ def secure_round(strategy: FedusFedAvg, grid: Grid, context: Context, server_rou
     if len(messages) * 2 ** sa.quantization_bits >= MODULUS:  # the unmasked sum would wrap around
         raise ConfigError(f"secure-aggregation: {len(messages)} sites x 2^{sa.quantization_bits} levels exceed the "
                           f"2^32 mask modulus; lower secure-aggregation.quantization-bits")
-    wire = messages[0].content["arrays"].to_torch_state_dict()  # the global student as sent (transfer dtype)
-    keys = list(wire)
+    # the global student as sent (transfer dtype), by name: SecAgg+ masks Flower's legacy unnamed arrays
+    wire = unpack(messages[0].content["arrays"].to_torch_state_dict(), str(messages[0].content["config"][LAYOUT_KEY]))
+    keys = list(arrays)  # the student's own order (the server draws central DP noise in it), not the packed one
     params = ndarrays_to_parameters([wire[k].numpy() for k in keys])
     weight = max_weight(strategy)
     extra = {KEYS_KEY: "\n".join(keys), CLIP_KEY: sa.clipping_range, MAX_WEIGHT_KEY: weight}
-    bridge = _Instructions({m.metadata.dst_node_id: FitIns(params, dict(m.content["config"]) | extra)
+    bridge = _Instructions({m.metadata.dst_node_id: FitIns(params, {k: v for k, v in dict(m.content["config"]).items()
+                                                                    if k != LAYOUT_KEY} | extra)
                             for m in messages}, grid)
     legacy = LegacyContext(Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
                                    state=RecordDict(), run_config=context.run_config),

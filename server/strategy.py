@@ -29,7 +29,8 @@ from fedus.config import RunConfig
 from fedus.coreset import plan_budget
 from fedus.privacy.accounting import REFUSALS
 from fedus.runs import RunRecorder
-from fedus.transfer import INT8_DELTA, SCALES_RECORD, TRANSFER_KEY, decode, decode_delta, encode, nbytes
+from fedus.transfer import (INT8_DELTA, LAYOUT_KEY, SCALES_RECORD, TRANSFER_KEY, decode, decode_delta, encode, nbytes,
+                            reply_layouts, to_wire, unpack)
 from server.central_dp import KEY_BELOW_CLIP, CentralDP
 from server.optimizer import ServerOptimizer
 from server.validation import validate_updates
@@ -97,33 +98,37 @@ class FedusFedAvg(FedAvg):
             self.server_opt.load_state_dict(recorder.optimizer_state)
 
     def on_the_wire(self, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
-        """The global student as sent (`federation.transfer-dtype`), and a copy of the config saying so."""
-        dtype = self.cfg.federation.transfer_dtype
-        return ArrayRecord(encode(arrays.to_torch_state_dict(), dtype)), ConfigRecord(dict(config) | {TRANSFER_KEY: dtype})
+        """The global student as sent (`federation.transfer-dtype`, packed: fedus.transfer), and a copy
+        of the config saying how to read it."""
+        packed, entries = to_wire(arrays.to_torch_state_dict(), self.cfg.federation.transfer_dtype)
+        return ArrayRecord(packed), ConfigRecord(dict(config) | entries)
 
     def arrived(self, replies: list[Message]) -> None:
-        """Replies' students back to fp32 in place, so validation and the aggregate are fp32. Under
-        int8-delta each is rebuilt as received + scale * q on the student as the sites received it; one
-        that cannot be (scales missing or malformed) loses its arrays, so validation rejects it
-        (no-arrays) rather than aggregating int8 codes as weights."""
+        """Replies' students unpacked and back to fp32 in place, so validation and the aggregate are fp32.
+        Under int8-delta each is rebuilt as received + scale * q on the student as the sites received it.
+        One that cannot be (arrays that do not fit the layout the site was sent, scales missing or
+        malformed) loses its arrays, so validation rejects it (no-arrays) rather than aggregating it."""
+        if self.sent is None:
+            return
         dtype = self.cfg.federation.transfer_dtype
-        like = self.sent.to_torch_state_dict() if self.sent is not None else None
-        base = self.received() if dtype == INT8_DELTA and self.sent is not None else None
+        base = self.received()
+        layout, scales_layout = reply_layouts(base, dtype)
+        like = self.sent.to_torch_state_dict()
         for m in replies:
             if m.has_error() or "arrays" not in m.content:
                 continue
-            arrays = m.content["arrays"].to_torch_state_dict()
-            if dtype != INT8_DELTA:
-                m.content["arrays"] = ArrayRecord(decode(arrays, dtype, like))
-                continue
             try:
-                if base is None or SCALES_RECORD not in m.content:
-                    raise ValueError("no scales, or no global student to add the delta to")
-                scales = m.content[SCALES_RECORD].to_torch_state_dict()
+                arrays = unpack(m.content["arrays"].to_torch_state_dict(), layout)
+                if dtype != INT8_DELTA:
+                    m.content["arrays"] = ArrayRecord(decode(arrays, dtype, like))
+                    continue
+                if SCALES_RECORD not in m.content:
+                    raise ValueError("no scales")
+                scales = unpack(m.content[SCALES_RECORD].to_torch_state_dict(), scales_layout)
                 m.content["arrays"] = ArrayRecord(decode_delta(arrays, scales, base))
                 del m.content[SCALES_RECORD]  # validation expects the one ArrayRecord
             except ValueError as err:
-                log(WARNING, "node %s: int8-delta update not rebuilt (%s)", m.metadata.src_node_id, err)
+                log(WARNING, "node %s: update not read (%s)", m.metadata.src_node_id, err)
                 del m.content["arrays"]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -152,7 +157,8 @@ class FedusFedAvg(FedAvg):
         """Re-score in rounds 1, 1+R, ... (and the first round of a resumed run); every round, each
         site's train config gets the threshold and, where its histogram arrived, its keep count."""
         if self.coreset is None or (server_round - 1) % self.cfg.coreset.rescore_every == 0:
-            self.coreset = self.query_histograms(server_round, [m.metadata.dst_node_id for m in messages], wire, grid)
+            self.coreset = self.query_histograms(server_round, [m.metadata.dst_node_id for m in messages], wire,
+                                                 messages[0].content["config"], grid)
         else:
             self.recorder.record_coreset(server_round, {"rescored": False, "threshold": self.coreset[0]})
         if self.coreset is None:  # no site answered: this round trains on all images
@@ -167,10 +173,12 @@ class FedusFedAvg(FedAvg):
                                dst_node_id=node, message_type=m.metadata.message_type))
         return out
 
-    def query_histograms(self, server_round: int, nodes: list[int], wire: ArrayRecord,
+    def query_histograms(self, server_round: int, nodes: list[int], wire: ArrayRecord, train_config: ConfigRecord,
                          grid: Grid) -> tuple[float, dict[int, int]] | None:
-        """One query round: the global student out, score histograms + counts back, budget planned."""
-        config = ConfigRecord({"server-round": server_round, TRANSFER_KEY: self.cfg.federation.transfer_dtype})
+        """One query round: the global student out (as the train messages carry it), score histograms +
+        counts back, budget planned."""
+        config = ConfigRecord({"server-round": server_round}
+                              | {k: train_config[k] for k in (TRANSFER_KEY, LAYOUT_KEY)})
         messages = [Message(RecordDict({"arrays": wire, "config": config}), dst_node_id=n, message_type=MessageType.QUERY)
                     for n in nodes]
         replies = [r for r in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)

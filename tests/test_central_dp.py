@@ -6,22 +6,20 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
 from fedus.runs import RunRecorder
 from server.central_dp import KEY_CLIPPING_NORM, CentralDPError, clip_update, update_norm
 from server.strategy import FedusFedAvg
+from wire import reply_arrays, server_message, site_reply
 
 GLOBAL = {"w": torch.zeros(6, 5), "b": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(7)}
 C, Z = 0.5, 0.8
 
 
 def _reply(arrays, name, node):
-    content = RecordDict({"arrays": ArrayRecord({k: v.clone() for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": 10 * (node + 1), "loss": 1.0}),
-                          "site": ConfigRecord({"name": name})})
-    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN))
+    return site_reply(arrays, 10 * (node + 1), name, node)
 
 
 def _update(scale, seed):
@@ -119,12 +117,10 @@ def test_a_site_told_a_clipping_norm_sends_a_clipped_update(tiny_cfg, task_ident
 
     student = initial_student(tiny_cfg)
     sent = student.state_dict()
-    msg = Message(RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({
-        "server-round": 1, KEY_CLIPPING_NORM: 0.05, "transfer-dtype": "fp32"})}), dst_node_id=1,
-        message_type=MessageType.TRAIN)
+    msg = server_message(sent, {"server-round": 1, KEY_CLIPPING_NORM: 0.05})
     reply = client_app(msg, _context(tiny_cfg.with_overrides(["train.lr=1e-2"])))
     assert not reply.has_error(), reply.error
-    back = reply.content["arrays"].to_torch_state_dict()
+    back = reply_arrays(reply, msg)
     assert update_norm(back, sent) == pytest.approx(0.05, rel=1e-4)  # trained far, clipped to the norm
 
 
@@ -255,7 +251,9 @@ def test_client_adaptive_needs_every_sites_bit(tiny_cfg, task_identity, tmp_path
         m.content["metrics"][KEY_BELOW_CLIP] = bit
     assert strategy.aggregate_train(1, msgs)[0] is None  # S2 sent no bit: not released, C unchanged
     assert strategy.central_dp.clipping_norm == C0 and strategy.central_dp.accountant.num_releases == 0
-    msgs[2].content["metrics"][KEY_BELOW_CLIP] = 0
+    msgs = [_reply(u, f"S{i}", i) for i, u in enumerate(sent)]  # the server read the first ones in place
+    for m, bit in zip(msgs, (1, 0, 0)):
+        m.content["metrics"][KEY_BELOW_CLIP] = bit
     strategy.sent = ArrayRecord(GLOBAL)
     assert strategy.aggregate_train(2, msgs)[0] is not None
     facts = strategy.recorder.summary["rounds"][1]["aggregate"]
@@ -282,9 +280,7 @@ def test_a_client_adaptive_site_sends_its_bit_and_nothing_else_new(tiny_cfg, tas
     for mode in ("client-fixed", "client-adaptive"):
         cfg = tiny_cfg.with_overrides(["train.lr=1e-2", "train.local-steps=2", f"central-dp.mode={mode}",
                                        "central-dp.clipped-count-stddev=1.0"])
-        msg = Message(RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({
-            "server-round": 1, KEY_CLIPPING_NORM: 0.05, "transfer-dtype": "fp32"})}), dst_node_id=1,
-            message_type=MessageType.TRAIN)
+        msg = server_message(sent, {"server-round": 1, KEY_CLIPPING_NORM: 0.05})
         replies[mode] = client_app(msg, _context(cfg))
         assert not replies[mode].has_error(), replies[mode].error
     fixed, adaptive = (replies[m].content for m in ("client-fixed", "client-adaptive"))
@@ -292,5 +288,5 @@ def test_a_client_adaptive_site_sends_its_bit_and_nothing_else_new(tiny_cfg, tas
     assert set(adaptive["metrics"].keys()) - set(fixed["metrics"].keys()) == {KEY_BELOW_CLIP}
     assert adaptive["metrics"][KEY_BELOW_CLIP] == 0  # trained far past 0.05: clipped
     assert dict(adaptive["site"]) == dict(fixed["site"])
-    a, f = adaptive["arrays"].to_torch_state_dict(), fixed["arrays"].to_torch_state_dict()
+    a, f = adaptive["arrays"].to_torch_state_dict(), fixed["arrays"].to_torch_state_dict()  # packed alike
     assert all(torch.equal(a[k], f[k]) for k in f)  # same seeded training, same clip

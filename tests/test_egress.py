@@ -20,6 +20,8 @@ from fedus.site import initial_student
 from server.central_dp import KEY_BELOW_CLIP, KEY_CLIPPING_NORM
 from server.strategy import EVAL_ROUND_KEY, KEEP_KEY, SITE_RECORD, THRESHOLD_KEY
 from tests.conftest import TINY
+from fedus.transfer import reply_layouts, unpack
+from wire import server_message
 
 pytestmark = pytest.mark.usefixtures("one_thread", "task_identity")
 
@@ -66,8 +68,7 @@ def forbidden(synthetic_manifest, site_dir) -> set[str]:
 
 def _message(cfg: RunConfig, kind: str, server_round: int = 1, **config) -> tuple[Message, dict]:
     sent = initial_student(cfg).state_dict()
-    content = RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({"server-round": server_round, **config})})
-    return Message(content, dst_node_id=1, message_type=kind), sent
+    return server_message(sent, {"server-round": server_round, **config}, cfg.federation.transfer_dtype, kind), sent
 
 
 def _context(cfg: RunConfig, **node) -> Context:
@@ -122,8 +123,12 @@ def _audit(reply: Message, sent: dict, forbidden: set[str]) -> None:
     assert not reply.has_error(), reply.error
     for name, record in reply.content.items():
         assert name in RECORDS and isinstance(record, RECORDS[name]), name
-        if name == "arrays":
-            arrays = record.to_torch_state_dict()
+        if name == "arrays":  # packed on the wire: it must read back as exactly the student's tensors, no more
+            try:
+                layout = reply_layouts(sent, RunConfig().federation.transfer_dtype)[0]
+                arrays = unpack(record.to_torch_state_dict(), layout)
+            except ValueError as err:
+                raise AssertionError(f"reply arrays are not the student's: {err}") from None
             assert set(arrays) == set(sent), set(arrays) ^ set(sent)
             assert all(arrays[k].shape == sent[k].shape for k in sent)
             continue

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.app import app as client_app
 from client.replies import EgressViolation, build_reply
@@ -11,6 +11,7 @@ from fedus.config import RunConfig
 from fedus.runs import RunRecorder
 from fedus.site import get_site, initial_student
 from server.strategy import FedusFedAvg
+from wire import reply_arrays, server_message, site_reply
 
 
 def _context(cfg, partition=0):
@@ -20,9 +21,8 @@ def _context(cfg, partition=0):
 
 def _instruction(cfg, kind, server_round=1):
     student = initial_student(cfg)
-    content = RecordDict({"arrays": ArrayRecord(student.state_dict()),
-                          "config": ConfigRecord({"server-round": server_round})})
-    return Message(content, dst_node_id=1, message_type=kind), student
+    return server_message(student.state_dict(), {"server-round": server_round}, cfg.federation.transfer_dtype,
+                          kind), student
 
 
 def _strings(record_dict):
@@ -38,7 +38,7 @@ def test_train_reply_carries_only_student_arrays_and_metrics(tiny_cfg, task_iden
     assert not reply.has_error(), reply.error
     content = reply.content
     assert set(content.keys()) == {"arrays", "metrics", "site"}
-    arrays = content["arrays"].to_torch_state_dict()
+    arrays = reply_arrays(reply, msg)
     expected = student.state_dict()
     assert set(arrays) == set(expected)
     assert all(arrays[k].shape == v.shape for k, v in expected.items())
@@ -77,17 +77,17 @@ def test_egress_guard_refuses_images_paths_and_foreign_arrays(task_identity, tmp
 
 
 def _reply(arrays, n, name):
-    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": n, "loss": 1.0}),
-                          "site": ConfigRecord({"name": name})})
-    return Message(content, reply_to=Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN))
+    return site_reply(arrays, n, name)
 
 
 def test_fedavg_of_two_sites_is_the_example_weighted_mean(tiny_cfg, task_identity, tmp_path):
     recorder = RunRecorder(tmp_path / "run", tiny_cfg, {})
-    strategy = FedusFedAvg(tiny_cfg, recorder, min_train_nodes=1, min_available_nodes=1)
+    strategy = FedusFedAvg(tiny_cfg.with_overrides(["federation.transfer-dtype=fp32"]), recorder, min_train_nodes=1,
+                           min_available_nodes=1)
     rng = np.random.default_rng(0)
     a = {"w": rng.normal(size=(4, 5)).astype(np.float32), "b": np.array([1.0, 2.0], np.float32)}
     b = {"w": rng.normal(size=(4, 5)).astype(np.float32), "b": np.array([5.0, -2.0], np.float32)}
+    strategy.sent = ArrayRecord({k: torch.zeros(v.shape) for k, v in a.items()})  # what configure_train sent
     arrays, metrics = strategy.aggregate_train(1, [_reply({k: torch.from_numpy(v) for k, v in a.items()}, 30, "A"),
                                                    _reply({k: torch.from_numpy(v) for k, v in b.items()}, 10, "B")])
     out = arrays.to_torch_state_dict()
@@ -104,7 +104,9 @@ def test_a_failed_site_does_not_stop_the_round(tiny_cfg, task_identity, tmp_path
     from flwr.app import Error
 
     recorder = RunRecorder(tmp_path / "run", tiny_cfg, {})
-    strategy = FedusFedAvg(tiny_cfg, recorder, min_train_nodes=1, min_available_nodes=1)
+    strategy = FedusFedAvg(tiny_cfg.with_overrides(["federation.transfer-dtype=fp32"]), recorder, min_train_nodes=1,
+                           min_available_nodes=1)
+    strategy.sent = ArrayRecord({"w": torch.zeros(3)})
     good = _reply({"w": torch.ones(3)}, 10, "A")
     failed = Message(Error(code=0, reason="site crashed"),
                      reply_to=Message(RecordDict(), dst_node_id=2, message_type=MessageType.TRAIN))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, RecordDict
 from opacus.accountants import RDPAccountant
 from opacus.validators import ModuleValidator
 
@@ -16,6 +16,7 @@ from fedus.reports.report import write_report
 from fedus.runs import RunRecorder
 from fedus.site import Site, initial_student
 from server.strategy import FedusFedAvg
+from wire import server_message
 
 DP = ["privacy.enabled=true", "privacy.noise-multiplier=1.2", "train.local-steps=2"]
 
@@ -106,8 +107,7 @@ def test_client_app_refuses_with_a_reason_and_the_server_carries_on(tiny_cfg, ta
     arrays = ArrayRecord(initial_student(cfg).state_dict())
     replies = []
     for rnd in (1, 2, 3):
-        msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}),
-                      dst_node_id=1, message_type=MessageType.TRAIN)
+        msg = server_message(arrays.to_torch_state_dict(), {"server-round": rnd}, cfg.federation.transfer_dtype)
         reply = client_app(msg, context)
         assert not reply.has_error(), reply.error
         replies.append(reply)

@@ -6,22 +6,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord
 
 from fedus.config import ConfigError
 from fedus.runs import SERVER_STATE, RunRecorder
 from server.strategy import FedusFedAvg
+from wire import site_reply
 
 GLOBAL = {"w": torch.linspace(-1, 1, 20).reshape(4, 5), "b": torch.zeros(3),
           "bn.running_var": torch.ones(3), "bn.num_batches_tracked": torch.tensor(7)}
 ETA, B1, B2, TAU = 0.05, 0.9, 0.99, 1e-3
 
 
-def _reply(arrays, n, name, node):
-    content = RecordDict({"arrays": ArrayRecord({k: v.clone() for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": n, "loss": 1.0}),
-                          "site": ConfigRecord({"name": name})})
-    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN))
+_reply = site_reply
 
 
 def _site_model(start, server_round, site):
@@ -45,7 +42,8 @@ def _round(strategy, flower_round, start, sites=3):
     """One aggregate_train as Flower would call it; the run record gets an eval so resume counts the round."""
     strategy.sent = ArrayRecord(start)
     true_round = flower_round + strategy.offset
-    replies = [_reply(_site_model(start, true_round, i), 10 * (i + 1), f"S{i}", i) for i in range(sites)]
+    replies = [_reply(_site_model(start, true_round, i), 10 * (i + 1), f"S{i}", i, strategy.cfg.federation.transfer_dtype)
+               for i in range(sites)]
     arrays, _ = strategy.aggregate_train(flower_round, replies)
     strategy.recorder.record(true_round, "eval", {"S0": {"loss": 1.0}})
     return arrays.to_torch_state_dict()

@@ -10,8 +10,8 @@ from client.replies import EgressViolation, build_reply
 from fedus.config import ConfigError
 from fedus.runs import RunRecorder
 from fedus.site import get_site, initial_student
-from fedus.transfer import (INT8_DELTA, SCALES_RECORD, TRANSFER_KEY, decode, decode_delta, dequantise, encode,
-                            encode_delta, nbytes)
+from fedus.transfer import (INT8_DELTA, SCALES_RECORD, decode, decode_delta, dequantise, encode, encode_delta,
+                            from_wire, layout_of, nbytes, pack, reply_layouts, to_wire, unpack)
 from server.strategy import FedusFedAvg
 
 
@@ -29,6 +29,39 @@ def test_half_precision_is_half_the_bytes_and_comes_back_fp32(tiny_cfg, dtype):
             torch.testing.assert_close(back[k], v, rtol=1e-2, atol=1e-3)
         else:
             assert torch.equal(back[k], v), k
+
+
+def test_a_packed_student_is_a_few_arrays_and_unpacks_exactly(tiny_cfg):
+    """Flower moves each array as its own object (one request per hop): on the wire a student is one
+    flat array per dtype; the layout in the config gives every tensor back, bit for bit."""
+    state = initial_student(tiny_cfg).state_dict()
+    for dtype in ("fp32", "fp16", "bf16", INT8_DELTA):
+        packed, entries = to_wire(state, dtype)
+        assert len(packed) <= 3 < len(state)
+        record = ArrayRecord(packed)  # through Flower's record (numpy) and back
+        named = encode(state, dtype)
+        back = unpack(record.to_torch_state_dict(), entries["wire-layout"])
+        assert set(back) == set(named) and all(torch.equal(back[k], named[k]) for k in named)
+        shuffled = dict(reversed(list(named.items())))  # a checkpoint's key order is not the model's
+        assert all(torch.equal(a, b) for a, b in zip(pack(shuffled).values(), packed.values()))
+        assert nbytes(packed) == nbytes(named)
+    bad = dict(pack(encode(state, "fp16")))
+    bad["float16"] = bad["float16"][:-1]  # one element short
+    for broken in (bad, {"float32": torch.zeros(3)}, {}):
+        with pytest.raises(ValueError):
+            unpack(broken, layout_of(encode(state, "fp16")))
+
+
+def test_a_reply_that_does_not_fit_the_layout_is_not_aggregated(tiny_cfg, task_identity, tmp_path):
+    strategy = FedusFedAvg(tiny_cfg, RunRecorder(tmp_path, tiny_cfg, {}), min_train_nodes=1, min_available_nodes=1)
+    strategy.sent = ArrayRecord(_student_like())
+    packed = pack(encode(_student_like(1), tiny_cfg.federation.transfer_dtype))
+    short = {k: v[:-1] if v.numel() > 1 else v for k, v in packed.items()}
+    ok, bad = (Message(RecordDict({"arrays": ArrayRecord(a)}), reply_to=Message(
+        RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)) for a in (packed, short))
+    strategy.arrived([ok, bad])
+    assert "arrays" not in bad.content  # validation will say no-arrays
+    assert set(ok.content["arrays"]) == set(_student_like())
 
 
 def _run(cfg, rounds, tmp_path):
@@ -147,7 +180,7 @@ def test_arrived_rebuilds_updates_that_fedavg_aggregates_within_quantisation_err
         strategy = FedusFedAvg(cfg, RunRecorder(tmp_path / dtype, cfg, {}), min_train_nodes=1, min_available_nodes=1)
         strategy.sent = ArrayRecord(global_)
         wire, config = strategy.on_the_wire(strategy.sent, ConfigRecord({"server-round": 1}))
-        received = decode(wire.to_torch_state_dict(), config[TRANSFER_KEY])  # what each site starts from
+        received, _ = from_wire(wire.to_torch_state_dict(), config)  # what each site starts from
         msg = Message(RecordDict({"arrays": wire, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
         news = [_moved(global_, 1e-2, seed=s) for s in (1, 2, 3)]  # the same site students in both runs
         replies = [_train_reply(msg, new, received, dtype, f"site-{s}", 10 * (s + 1)) for s, new in enumerate(news)]
@@ -190,7 +223,8 @@ def test_the_egress_guard_lets_only_one_scale_per_int8_tensor_or_channel_go(task
     expected = {k: v.shape for k, v in base.items()}
     ask = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type=MessageType.TRAIN)
     reply = build_reply(ask, {"num-examples": 1}, {"name": "a"}, payload, expected, scales=scales)
-    assert set(reply.content[SCALES_RECORD]) == set(scales)
+    back = unpack(reply.content[SCALES_RECORD].to_torch_state_dict(), layout_of(scales))
+    assert all(torch.equal(back[k], v) for k, v in scales.items())
     for bad in (scales | {"conv.weight": torch.zeros(16, 8, 3, 3)},  # one number per element: a copy of the update
                 scales | {"fc.bias": torch.zeros(())},  # a tensor that went as fp32 values
                 scales | {"thumbnail": torch.zeros(())},  # not the student's
@@ -216,17 +250,19 @@ def test_a_site_keeps_its_residual_and_sends_int8(tiny_cfg, task_identity, monke
                   state=RecordDict(), run_config=cfg.to_flat())
     residuals = []
     for r in (1, 2):
-        config = ConfigRecord({"server-round": r, "rounds": 2, TRANSFER_KEY: INT8_DELTA})
-        msg = Message(RecordDict({"arrays": ArrayRecord(encode(student, INT8_DELTA)), "config": config}),
-                      dst_node_id=1, message_type=MessageType.TRAIN)
+        packed, entries = to_wire(student, INT8_DELTA)
+        msg = Message(RecordDict({"arrays": ArrayRecord(packed), "config": ConfigRecord({
+            "server-round": r, "rounds": 2} | entries)}), dst_node_id=1, message_type=MessageType.TRAIN)
         reply = client_app(msg, ctx)
         assert not reply.has_error(), reply.error
-        arrays = reply.content["arrays"].to_torch_state_dict()
-        scales = reply.content[SCALES_RECORD].to_torch_state_dict()
+        layout, scales_layout = reply_layouts(from_wire(packed, entries)[0], INT8_DELTA)
+        arrays = unpack(reply.content["arrays"].to_torch_state_dict(), layout)
+        scales = unpack(reply.content[SCALES_RECORD].to_torch_state_dict(), scales_layout)
         assert set(arrays) == set(student) and {arrays[k].dtype for k in scales} == {torch.int8}
         assert reply.content["metrics"]["bytes_sent"] == nbytes(arrays) + nbytes(scales)
         residuals.append(ctx.state[RESIDUAL_STATE].to_torch_state_dict())
-        assert set(residuals[-1]) == set(scales)
+        assert set(residuals[-1]) == {"float32"}  # packed like the wire: one flat array
+        assert residuals[-1]["float32"].numel() == sum(student[k].numel() for k in scales)
     assert any(not torch.equal(residuals[0][k], residuals[1][k]) for k in residuals[0])
     with pytest.raises(ConfigError, match="int8-delta"):
         cfg.with_overrides(["central-dp.mode=server-fixed"])

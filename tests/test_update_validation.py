@@ -3,20 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 
 from fedus.runs import RunRecorder
 from server.strategy import FedusFedAvg
 from server.validation import NORM_OUTLIER, NOT_FINITE, WRONG_KEYS, WRONG_SHAPES, validate_updates
+from wire import site_reply
 
 GLOBAL = {"w": torch.zeros(4, 5), "b": torch.zeros(2)}
 
 
-def _reply(arrays, n, name, node=0):
-    content = RecordDict({"arrays": ArrayRecord({k: v.clone() for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": n, "loss": 1.0}),
-                          "site": ConfigRecord({"name": name})})
-    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN))
+_reply = site_reply  # fp32 on the wire: these tests are about what the server accepts
 
 
 def _honest(seed):
@@ -25,7 +22,7 @@ def _honest(seed):
 
 
 def _strategy(cfg, tmp_path, robust="none"):
-    cfg = cfg.with_overrides([f"federation.robust={robust}"])
+    cfg = cfg.with_overrides([f"federation.robust={robust}", "federation.transfer-dtype=fp32"])
     strategy = FedusFedAvg(cfg, RunRecorder(tmp_path / f"run-{robust}", cfg, {}), min_train_nodes=1, min_available_nodes=1)
     strategy.sent = ArrayRecord(GLOBAL)  # what configure_train would have sent
     return strategy
@@ -57,9 +54,14 @@ def test_nan_and_100x_updates_are_rejected_and_the_aggregate_is_the_honest_one(t
 
 
 def test_wrong_keys_and_shapes_are_rejected(task_identity):
-    ok = _reply(_honest(0), 1, "A")
-    keys = _reply({"w": torch.zeros(4, 5), "extra": torch.zeros(2)}, 1, "B")
-    shapes = _reply({"w": torch.zeros(5, 4), "b": torch.zeros(2)}, 1, "C")
+    """On replies as the server has read them (FedusFedAvg.arrived: unpacked by name)."""
+    def named(arrays):
+        return Message(RecordDict({"arrays": ArrayRecord(arrays)}),
+                       reply_to=Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN))
+
+    ok = named(_honest(0))
+    keys = named({"w": torch.zeros(4, 5), "extra": torch.zeros(2)})
+    shapes = named({"w": torch.zeros(5, 4), "b": torch.zeros(2)})
     verdicts = validate_updates([ok, keys, shapes], ArrayRecord(GLOBAL))
     assert [v.reason for v in verdicts] == [None, WRONG_KEYS, WRONG_SHAPES]
 
