@@ -221,14 +221,13 @@ def test_combined_with_token_mse_the_base_term_is_not_counted_twice():
 
 def test_the_client_carries_the_servers_clock_to_the_site_step(tiny_cfg, task_identity):
     """progress is computed from the server's round and total, not from this config or local steps."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.app import Context, RecordDict
 
     from client.app import app as client_app
+    from wire import server_message
 
     cfg = tiny_cfg.with_overrides(["distill.loss=repulsive-kd", "train.local-steps=2", "rounds=3"])
-    content = RecordDict({"arrays": ArrayRecord(initial_student(cfg).state_dict()),
-                          "config": ConfigRecord({"server-round": 2, "rounds": 4})})
-    msg = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+    msg = server_message(initial_student(cfg).state_dict(), {"server-round": 2, "rounds": 4})
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
                       state=RecordDict(), run_config=cfg.to_flat())
     reply = client_app(msg, context)
