@@ -36,7 +36,7 @@ def provenance(cfg: RunConfig, data_description: str, student_params: int) -> di
     """What every figure must carry: which teacher (and whose weights), which data, splits, seed."""
     t = cfg.teacher
     return {
-        "teacher": {"arch": t.arch, "weights": t.weights or "none (random init)", "source": t.source, "blocks": t.blocks, "combine": t.combine},
+        "teacher": {"arch": t.arch, "weights": t.weights or f"none (random init, seed derived from {cfg.seed})", "source": t.source, "blocks": t.blocks, "combine": t.combine},
         "student": {"arch": cfg.student.arch, "init": f"random init, seed {cfg.seed}", "params": student_params},
         "data": {"source": data_description, "manifest": cfg.data.manifest, "site_column": cfg.data.site_column,
                  "image_size": cfg.data.image_size},

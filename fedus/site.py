@@ -226,10 +226,10 @@ def _key(*parts: object) -> str:
 
 
 def shared_teacher(cfg: RunConfig) -> Teacher:
-    key = _key(cfg.teacher.model_dump(), cfg.data.image_size)
+    key = _key(cfg.teacher.model_dump(), cfg.data.image_size, cfg.seed)
     if key not in _TEACHERS:
         _TEACHERS.clear()
-        _TEACHERS[key] = create_teacher(cfg.teacher, cfg.data.image_size)
+        _TEACHERS[key] = create_teacher(cfg.teacher, cfg.data.image_size, seed=derived_seed(cfg.seed, "teacher"))
         print(f"fedus: teacher built ({cfg.teacher.arch}, process {os.getpid()})", flush=True)
     return _TEACHERS[key]
 

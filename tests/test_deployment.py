@@ -316,3 +316,30 @@ def test_a_server_killed_after_round_2_of_4_resumes_and_ends_bit_identical(tmp_p
     a, b = load_state(tmp_path / "whole" / "global-round-004.safetensors"), load_state(state / "run" / "global-round-004.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     _no_leftovers(state / "flwr-home", tmp_path / "whole" / "flwr-home", *[tmp_path / c / "flwr-home" for c in sites])
+
+
+def test_secure_aggregation_runs_on_the_deployment_runtime(tmp_path, synthetic_manifest):
+    """SecAgg+ through `fedus server` and three `fedus client start` processes: its stages are separate
+    messages, each a fresh ClientApp process whose protocol state lives in the SuperNode's context; the
+    protocol's numbers are checked in tests/test_secure_aggregation.py."""
+    manifests = _site_manifests(synthetic_manifest, tmp_path)
+    port, state = free_port(), tmp_path / "server"
+    args = _server_args(state, port, None, None, rounds=2, timeout=120) + [
+        "--set", "secure-aggregation.enabled=true", "--set", "federation.transfer-dtype=fp32", "--set", "train.lr=1e-3"]
+    server = _spawn(args, tmp_path / "server.log")
+    sites = {s: _spawn(_site_args(s, manifests[s], port, tmp_path / s, None, None), tmp_path / f"{s}.log")
+             for s in SITES}
+    try:
+        code = _wait(server, 500)
+        assert code == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        _stop(server, *sites.values())
+    summary = json.loads((state / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    trained = [r for r in summary["rounds"] if r["round"] > 0]
+    assert [r["aggregate"].get("secure_aggregation") for r in trained] == [1, 1]
+    assert all(r.get("checkpoint") and sorted(r["train"]) == SITES for r in trained)
+    assert not any("update_norm" in m for r in trained for m in r["train"].values())  # no single update was seen
+    cos = [sum(m["cos"] for m in r["eval"].values()) / len(SITES) for r in (summary["rounds"][0], trained[-1])]
+    assert cos[1] > cos[0] + 0.05, cos  # the securely aggregated student moved toward the teacher
+    _no_leftovers(state / "flwr-home", *[tmp_path / s / "flwr-home" for s in SITES])

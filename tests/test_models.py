@@ -19,6 +19,22 @@ def test_teacher_weights_round_trip_through_timm_loading(tmp_path, arch):
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
 
 
+def test_a_random_init_teacher_is_the_same_in_every_process_of_a_run():
+    """Deployed, every site and every round builds the teacher in a fresh process: without weights it is
+    drawn from the run's seed, or the sites would distil toward different teachers (and a new one each
+    round). The global RNG is left as it was; a weights file wins over the seed."""
+    cfg, x = TeacherConfig(blocks="1"), torch.rand(2, 3, 32, 32)
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    a = create_teacher(cfg, 32, seed=7)
+    after = torch.rand(3)
+    torch.manual_seed(123)  # another process, elsewhere in its RNG stream
+    b, c = create_teacher(cfg, 32, seed=7), create_teacher(cfg, 32, seed=8)
+    assert torch.equal(a(x), b(x)) and not torch.allclose(a(x), c(x))
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), before) and torch.equal(torch.rand(3), after)
+
+
 def test_teacher_blocks_and_combine():
     t2 = create_teacher(TeacherConfig(blocks="2"), 32)
     cat = create_teacher(TeacherConfig(blocks="3,7,11", combine="concat"), 32)

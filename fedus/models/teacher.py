@@ -48,8 +48,15 @@ class Teacher(nn.Module):
         return self.feature_map(x).flatten(2).transpose(1, 2)
 
 
-def create_teacher(cfg: TeacherConfig, image_size: int) -> Teacher:
-    backbone = create_backbone(cfg.arch, image_size, cfg.weights)
+def create_teacher(cfg: TeacherConfig, image_size: int, seed: int | None = None) -> Teacher:
+    """`seed`: a teacher without weights is drawn from it, so that every site and every round (each a
+    fresh process in a deployment) distils toward the same frozen teacher; None = the global RNG."""
+    if seed is not None and not cfg.weights:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = create_backbone(cfg.arch, image_size, cfg.weights)
+    else:
+        backbone = create_backbone(cfg.arch, image_size, cfg.weights)
     # Frozen and only read up to its last chosen block: drop the rest (memory at every site, and the
     # demo teacher's fit no longer trains blocks nobody reads). Weights were loaded before pruning.
     backbone.prune_intermediate_layers(parse_blocks(cfg.blocks), prune_norm=False, prune_head=True)
