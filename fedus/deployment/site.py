@@ -83,6 +83,17 @@ def explain_exit(code: int, log_text: str, log: Path) -> str:
     return f"SuperNode exited with {code}; see {log}"
 
 
+# A site restarted after a crash is refused until the server drops its previous connection: at most
+# 2 missed 30 s heartbeats after the crash, which came before this start. Retry often through that window
+# (each try starts a SuperNode, a few seconds of CPU), then back off for a key still waiting to be registered.
+HELD_CONNECTION_S = 2 * 30 + 10
+
+
+def retry_delay(waited: float) -> float:
+    """Seconds before the next activation try, `waited` seconds after this site started."""
+    return 3.0 if waited < HELD_CONNECTION_S else 15.0
+
+
 def run_site(s: SiteSettings) -> int:
     """Run the SuperNode in the foreground until it ends or we are interrupted; kill all it started.
 
@@ -94,7 +105,7 @@ def run_site(s: SiteSettings) -> int:
     home = (s.state / "flwr-home").resolve()
     home.mkdir(exist_ok=True)
     log = s.state / "supernode.log"
-    began, delay = time.monotonic(), 2.0
+    began = time.monotonic()
     stopping = False
     running: list = []  # the SuperNode now running (a signal may come before the first starts)
     timers: list[threading.Timer] = []
@@ -131,12 +142,12 @@ def run_site(s: SiteSettings) -> int:
             with open(log, "rb") as f:
                 f.seek(offset)
                 message = explain_exit(code, f.read().decode(errors="replace"), log)
+            delay = retry_delay(time.monotonic() - began)
             out_of_time = s.max_wait is not None and time.monotonic() - began + delay > s.max_wait
             if message != NOT_REGISTERED or out_of_time:
                 raise FlowerProcessError(message)
             print(f"{message}; retrying in {delay:.0f}s", file=sys.stderr, flush=True)
             time.sleep(delay)
-            delay = min(delay * 2, 15.0)  # a crashed site's old connection is freed ~60 s on: be back soon after
             if stopping:
                 return 0
     finally:
