@@ -3,9 +3,11 @@
 Each (student, dp) variant runs the real `fedus.distill.site_step` in its own
 subprocess, so peak CPU RSS (and CUDA max allocated) belongs to that variant
 alone. Random [0,1] images and random-init models: throughput does not depend
-on content or weights. DP variants: Opacus per-sample gradients (hooks),
-clipping + Gaussian noise, Poisson sampling at rate batch/N, fp32 (DP-SGD
-always runs fp32, no mixup; the non-DP baseline is also fp32 + mixup off).
+on content or weights. DP variants, both clipping + Gaussian noise, Poisson
+sampling at rate batch/N, fp32 (DP-SGD always runs fp32, no mixup; the non-DP
+baseline is also fp32 + mixup off): `per-sample` (Opacus' hooks store every
+per-sample gradient) and `ghost` (fedus' default: per-sample norms only, Conv2d
+norms from fedus.privacy.conv_norms, then a second backward).
 
     python bench/dp_step.py                 # CPU defaults (small, a few minutes)
     python bench/dp_step.py --preset h100   # 224 px, batch 256
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import RandomImages, machine, write_result  # noqa: E402
 
 PRESETS = {
-    "cpu": dict(image_size=64, batch_size=16, steps=4, teacher="vit_tiny_patch16_224", threads=1,
+    "cpu": dict(image_size=64, batch_size=32, steps=8, teacher="vit_tiny_patch16_224", threads=1,
                 students=["resnet10t", "resnet18", "vit_tiny_patch16_224"]),
     "h100": dict(image_size=224, batch_size=256, steps=20, teacher="vit_small_patch16_224", threads=8,
                  students=["resnet10t", "resnet18", "vit_tiny_patch16_224"]),
@@ -36,7 +38,10 @@ REFERENCE = ("reference (issue 5, quoted, not measured here): one H100, plain Op
              "ViT-tiny 2,892 img/s with DP vs 7,669 without (2.7x); ViT-small 2,000 vs 4,949; goal <= 1.5x")
 
 
-def measure(student_arch: str, dp: bool, p: dict) -> dict:
+VARIANTS = ("off", "per-sample", "ghost")  # DP-SGD off, or its clipping
+
+
+def measure(student_arch: str, clipping: str, p: dict) -> dict:
     """One variant, in this process (called in a fresh subprocess by `main`)."""
     from fedus.config import StudentConfig, TeacherConfig, TrainConfig
     from fedus.distill import site_step
@@ -47,9 +52,10 @@ def measure(student_arch: str, dp: bool, p: dict) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size, bs = p["image_size"], p["batch_size"]
     teacher = create_teacher(TeacherConfig(arch=p["teacher"], blocks="2"), size)
+    dp = clipping != "off"
     student = create_student(StudentConfig(arch=student_arch), teacher.dim, teacher.grid, size, seed=0, dp_compatible=dp)
     data = RandomImages(bs * 4, size)
-    plan = DPPlan.for_site(len(data), bs, noise_multiplier=1.0, max_grad_norm=1.0) if dp else None
+    plan = DPPlan.for_site(len(data), bs, noise_multiplier=1.0, max_grad_norm=1.0, clipping=clipping) if dp else None
     cfg = TrainConfig(batch_size=bs, local_steps=1, precision="fp32", mixup=False)
     site_step(student, teacher, data, data.x[:8], cfg, 0, device, privacy=plan)  # warm-up
     if device.type == "cuda":
@@ -58,7 +64,7 @@ def measure(student_arch: str, dp: bool, p: dict) -> dict:
     t = time.perf_counter()
     r = site_step(student, teacher, data, data.x[:8], cfg.model_copy(update={"local_steps": p["steps"]}), 1, device,
                   privacy=plan)
-    out = {"student": student_arch, "teacher": p["teacher"], "dp": dp, "images_per_s": round(r.metrics["images_per_s"], 2),
+    out = {"student": student_arch, "teacher": p["teacher"], "dp": dp, "clipping": clipping, "images_per_s": round(r.metrics["images_per_s"], 2),
            "seconds": round(r.metrics["seconds"], 3), "wall_s": round(time.perf_counter() - t, 3), "steps": p["steps"],
            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
     if dp:
@@ -72,32 +78,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: 'arch,dp,preset'
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: 'arch,clipping,preset'
     args = ap.parse_args()
     if args.one:
-        arch, dp, preset = args.one.split(",")
-        print("RESULT " + json.dumps(measure(arch, dp == "1", PRESETS[preset])), flush=True)
+        arch, clipping, preset = args.one.split(",")
+        print("RESULT " + json.dumps(measure(arch, clipping, PRESETS[preset])), flush=True)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = args.preset or ("h100" if device == "cuda" else "cpu")
     p = PRESETS[preset]
     rows = []
     for arch in p["students"]:
-        pair = {}
-        for dp in (False, True):
-            run = subprocess.run([sys.executable, __file__, "--one", f"{arch},{int(dp)},{preset}"],
+        side = {}
+        for clipping in VARIANTS:
+            run = subprocess.run([sys.executable, __file__, "--one", f"{arch},{clipping},{preset}"],
                                  capture_output=True, text=True, check=True)
             row = json.loads(next(l for l in run.stdout.splitlines() if l.startswith("RESULT "))[7:])
-            pair[dp] = row
+            if clipping != "off":
+                row["dp_cost_x"] = round(side["off"]["images_per_s"] / max(row["images_per_s"], 1e-9), 2)
+            side[clipping] = row
             rows.append(row)
             print(json.dumps(row), flush=True)
-        pair[True]["dp_cost_x"] = round(pair[False]["images_per_s"] / max(pair[True]["images_per_s"], 1e-9), 2)
+        side["ghost"]["speedup_over_per_sample_x"] = round(
+            side["ghost"]["images_per_s"] / max(side["per-sample"]["images_per_s"], 1e-9), 2)
     result = {
         "benchmark": "dp_step", "machine": machine() | {"torch_threads": p["threads"]}, "device": device,
         "preset": preset,
         "settings": {k: v for k, v in p.items() if k != "students"} | {
             "loss": "token-mse", "mixup": False, "precision": "fp32", "optimizer": "AdamW lr 1e-4 wd 0.05",
-            "dp": "Opacus 1.6 hooks (GradSampleModule + DPOptimizer), Poisson sampling, noise 1.0, clip 1.0",
+            "dp": "Opacus 1.6, Poisson sampling, noise 1.0, clip 1.0; clipping 'per-sample' = GradSampleModule + "
+                  "DPOptimizer, 'ghost' = GradSampleModuleFastGradientClipping + DPOptimizerFastGradientClipping with "
+                  "fedus' Conv2d norm sampler (fedus.privacy.conv_norms) and a first pass towards the images only "
+                  "(PrivateTraining.backward)",
             "dp_student": "dp_compatible=True (GroupNorm, no in-place, ViT prefix tokens as a hooked layer)",
             "baseline_student": "plain (BatchNorm)", "teacher_targets": "computed every step (not cached)",
             "data": "random tensors in [0,1] (throughput only)", "weights": "random init (throughput only)",

@@ -166,10 +166,10 @@ class Site:
     def privacy_plan(self, ledger: PrivacyLedger, budget: float | None) -> tuple[DPPlan, dict[str, float] | None]:
         """This round's DP-SGD plan, and the refusal metrics if the site's budget does not allow it."""
         p, steps = self.cfg.privacy, self.cfg.train.local_steps
-        plan = DPPlan.for_site(len(self.data.train), self.cfg.train.batch_size, p.noise_multiplier, p.max_grad_norm)
+        plan = DPPlan.for_site(len(self.data.train), self.cfg.train.batch_size, p.noise_multiplier, p.max_grad_norm,
+                               p.clipping)
         if p.noise_multiplier == 0:
-            noise = noise_for_round(p.target_epsilon, self.delta, plan.sample_rate, steps, p.accountant)
-            plan = DPPlan(noise, plan.max_grad_norm, plan.sample_rate, plan.expected_batch_size)
+            plan = plan.with_noise(noise_for_round(p.target_epsilon, self.delta, plan.sample_rate, steps, p.accountant))
         spent = ledger.epsilon(self.delta)
         projected = ledger.epsilon(self.delta, [(plan.noise_multiplier, plan.sample_rate, steps)])
         code = NO_BUDGET if budget is None else BUDGET_EXHAUSTED if projected > budget else 0

@@ -33,7 +33,8 @@ def test_student_arch_is_dp_compatible_with_per_sample_grads(arch):
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.modules())
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     data = [{"image": torch.rand(3, 32, 32)} for _ in range(8)]
-    dp = PrivateTraining(student, optimizer, data, DPPlan(1.0, 1.0, 0.5, 4), seed=0, device=torch.device("cpu"))
+    dp = PrivateTraining(student, optimizer, data, DPPlan(1.0, 1.0, 0.5, 4, clipping="per-sample"), seed=0,
+                         device=torch.device("cpu"))
     x = torch.rand(4, 3, 32, 32)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     student(x).pow(2).mean().backward()
@@ -45,6 +46,59 @@ def test_student_arch_is_dp_compatible_with_per_sample_grads(arch):
     dp.close()
     assert dp.steps == 1 and all(not torch.equal(p, before[n]) for n, p in trainable)
     assert not hasattr(trainable[0][1], "grad_sample") or trainable[0][1].grad_sample is None
+
+
+@pytest.mark.parametrize("arch", ["resnet10t", "resnet18", "vit_tiny_patch16_224", "mobilenetv3_small_100"])
+def test_ghost_clipping_takes_the_same_clipped_step_as_per_sample_clipping(arch):
+    """Ghost clipping (norms only, second backward) and Opacus' stored per-sample gradients clip the same
+    per-image gradients: with no noise, both hand the optimizer the same clipped mean gradient.
+    The clipping norm is small enough that every image is clipped (checked), so a wrong norm would show."""
+    from fedus.distill.losses import per_image_token_mse
+
+    x, target = torch.rand(6, 3, 32, 32), torch.randn(6, 4, 192)
+    steps, norms = {}, None
+    for clipping in ("per-sample", "ghost"):
+        student = create_student(StudentConfig(arch=arch, head_hidden=16), 192, (2, 2), 32, 0, dp_compatible=True)
+        optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
+        data = [{"image": torch.rand(3, 32, 32)} for _ in range(12)]
+        dp = PrivateTraining(student, optimizer, data, DPPlan(0.0, 0.05, 0.5, 6, clipping), seed=0,
+                             device=torch.device("cpu"))
+        tracked = dp.track(x)
+        dp.backward(per_image_token_mse(student(tracked), target), tracked)
+        dp.optimizer.step()
+        if clipping == "ghost":
+            norms = dp.module.per_sample_gradient_norms
+        steps[clipping] = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+        dp.close()
+    assert norms.shape == (6,) and bool((norms > 0.05).all())
+    assert steps["ghost"].keys() == steps["per-sample"].keys()
+    for name, step in steps["per-sample"].items():
+        torch.testing.assert_close(steps["ghost"][name], step, rtol=1e-3, atol=1e-8, msg=name)
+    assert all(step.abs().max() > 0 for step in steps["ghost"].values())
+
+
+@pytest.mark.parametrize("stride, padding, dilation, bias, size", [
+    (1, 1, 1, True, 16),  # many positions, few channels: the per-sample gradient form
+    (2, 0, 1, False, 6),  # few positions, wide channels: the Gram (ghost) form
+    (1, 2, 2, True, 5),
+])
+def test_conv_norms_equal_the_norms_of_opacus_per_sample_gradients(stride, padding, dilation, bias, size):
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    from fedus.privacy.conv_norms import conv2d_norm_sample, ghost_is_cheaper
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(24, 40, 3, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    x = torch.randn(5, 24, size, size)
+    out = conv(x)
+    backprops = torch.randn_like(out)
+    positions = out.shape[2] * out.shape[3]
+    assert ghost_is_cheaper(positions, 24 * 9, 40) == (size < 16)  # both forms are exercised
+    want = {p: g.reshape(5, -1).norm(dim=1) for p, g in compute_conv_grad_sample(conv, [x], backprops).items()}
+    got = conv2d_norm_sample(conv, [x], backprops)
+    assert got.keys() == want.keys() and len(got) == 1 + bias
+    for p in want:
+        torch.testing.assert_close(got[p], want[p], rtol=1e-4, atol=1e-5)
 
 
 def _opacus_epsilon(noise, rate, steps, delta):

@@ -20,7 +20,9 @@ from fedus.distill.fast_path import FastPath, compile_in_place, eager, fast_path
 from fedus.distill.losses.registry import LossOutput
 from fedus.distill.resident import ResidentBatches, use_resident
 from fedus.distill.target_cache import TargetCache
-from fedus.distill.losses import StepInputs, create_objective, mixup, token_mse  # noqa: F401 (mixup: re-export)
+from fedus.distill.losses import (  # noqa: F401 (mixup: re-export)
+    StepInputs, create_objective, mixup, per_image_token_mse, token_mse,
+)
 from fedus.models import Student, Teacher
 from fedus.privacy.dp_sgd import DPPlan, PrivateTraining, private_train_config
 
@@ -140,11 +142,19 @@ def site_step(
         views = [images] + [on_device(batch[k]) for k in ("view2",) if k in batch and objective.views > 1]
         inputs = StepInputs(student, teacher, views, generator, clock.progress(step, cfg.local_steps))
         with autocast_for(device, cfg.precision):
-            if targets is not None:  # cached teacher tokens of exactly these views
-                out = LossOutput(token_mse(student(images), targets.complete(teacher, batch, images)))
+            wanted = targets.complete(teacher, batch, images) if targets is not None else None  # cached tokens
+            if dp is not None:  # token-MSE without mixup (private_train_config): clipped image by image
+                tracked = dp.track(images)
+                per_image = per_image_token_mse(student(tracked), teacher(images) if wanted is None else wanted)
+                out = LossOutput(per_image.detach().mean())
+            elif wanted is not None:
+                out = LossOutput(token_mse(student(images), wanted))
             else:
                 out = objective(inputs)  # mixup (train.mixup) happens inside token-mse
-        out.loss.backward()
+        if dp is not None:
+            dp.backward(per_image, tracked)
+        else:
+            out.loss.backward()
         optimizer.step()
         return out
 

@@ -16,7 +16,12 @@ from fedus.distill.losses.registry import DistillLoss, LossOutput, StepInputs, r
 
 def token_mse(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of the squared L2 distance, averaged over the batch. Shapes [B, N, D]."""
-    return (student_tokens.float() - teacher_tokens.float()).pow(2).sum(-1).mean()
+    return per_image_token_mse(student_tokens, teacher_tokens).mean()
+
+
+def per_image_token_mse(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
+    """Each image's own term of `token_mse`, [B] (what DP-SGD clips)."""
+    return (student_tokens.float() - teacher_tokens.float()).pow(2).sum(-1).mean(-1)
 
 
 def token_cosine(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
