@@ -6,8 +6,8 @@ alone. Random [0,1] images and random-init models: throughput does not depend
 on content or weights. DP variants, both clipping + Gaussian noise, Poisson
 sampling at rate batch/N, fp32 (DP-SGD always runs fp32, no mixup; the non-DP
 baseline is also fp32 + mixup off): `per-sample` (Opacus' hooks store every
-per-sample gradient) and `ghost` (fedus' default: per-sample norms only, Conv2d
-norms from fedus.privacy.conv_norms, then a second backward).
+per-sample gradient) and `ghost` (fedus' default: per-sample norms only, the
+clipped gradient by book-keeping in one backward pass, fedus.privacy.bookkeeping).
 
     python bench/dp_step.py                 # CPU defaults (small, a few minutes)
     python bench/dp_step.py --preset h100   # 224 px, batch 256
@@ -106,10 +106,10 @@ def main() -> None:
         "preset": preset,
         "settings": {k: v for k, v in p.items() if k != "students"} | {
             "loss": "token-mse", "mixup": False, "precision": "fp32", "optimizer": "AdamW lr 1e-4 wd 0.05",
-            "dp": "Opacus 1.6, Poisson sampling, noise 1.0, clip 1.0; clipping 'per-sample' = GradSampleModule + "
-                  "DPOptimizer, 'ghost' = GradSampleModuleFastGradientClipping + DPOptimizerFastGradientClipping with "
-                  "fedus' Conv2d norm sampler (fedus.privacy.conv_norms) and a first pass towards the images only "
-                  "(PrivateTraining.backward)",
+            "dp": ("Opacus 1.6, Poisson sampling, noise 1.0, clip 1.0; clipping 'per-sample' = GradSampleModule + "
+                   "DPOptimizer, 'ghost' = fedus.privacy.bookkeeping (Opacus' ghost-clipping hooks, fedus' Conv2d "
+                   "norms, the clipped gradient formed from each layer's input and output gradient in one backward "
+                   "pass towards the images) + DPOptimizerFastGradientClipping (noise on the given gradient)"),
             "dp_student": "dp_compatible=True (GroupNorm, no in-place, ViT prefix tokens as a hooked layer)",
             "baseline_student": "plain (BatchNorm)", "teacher_targets": "computed every step (not cached)",
             "data": "random tensors in [0,1] (throughput only)", "weights": "random init (throughput only)",

@@ -4,9 +4,9 @@ Opacus' fast gradient clipping needs only each sample's gradient *norm*; it ship
 norm samplers for Linear and Embedding and, for every other layer, builds the
 per-sample gradients just to take their norms. For a convolution that is a
 [B, C_out, C_in*k*k] tensor per layer, most of what made DP-SGD 4-5x slower than
-plain training for the ResNet students. This registers, through Opacus' own
-`register_norm_sampler`, a Conv2d norm that picks per layer the cheaper of two
-exact forms (Li et al. 2022, "mixed ghost clipping"; Bu et al. 2023):
+plain training for the ResNet students. This is a Conv2d norm (Opacus'
+norm-sampler signature, used by fedus.privacy.bookkeeping) that picks per layer
+the cheaper of two exact forms (Li et al. 2022, "mixed ghost clipping"; Bu et al. 2023):
 
 * ghost: ||sum_t b_t a_t^T||^2 = <A^T A, B^T B> over the T x T output positions,
   cost ~ T^2 (D + P) per sample - cheap in deep layers (few positions, wide channels);
@@ -55,9 +55,3 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
         norms[layer.bias] = b.sum(2).norm(2, dim=1)
     return norms
 
-
-def register_conv_norms() -> None:
-    """Make Opacus' ghost-clipping hooks use `conv2d_norm_sample` for Conv2d (idempotent)."""
-    from opacus.grad_sample.utils import register_norm_sampler
-
-    register_norm_sampler(nn.Conv2d)(conv2d_norm_sample)

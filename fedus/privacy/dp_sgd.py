@@ -8,10 +8,10 @@ The hooks go onto the student itself, so `student(x)` - the unchanged loss
 code of the site step - records what clipping needs.
 
 Two ways to clip, the same clipped sum (`privacy.clipping`):
-* "ghost" (default): Opacus' fast gradient clipping - per-sample gradient *norms*
-  from each layer's input and output gradient (Linear by Opacus, Conv2d by
-  `fedus.privacy.conv_norms`), then a second backward of the norm-weighted loss;
-  no per-sample gradient of a weight layer is ever stored;
+* "ghost" (default): per-sample gradient *norms* from each layer's input and
+  output gradient (Linear by Opacus, Conv2d by `fedus.privacy.conv_norms`), and
+  the clipped gradient formed from the same two in one backward pass
+  (`fedus.privacy.bookkeeping`); no per-sample gradient of a weight layer is stored;
 * "per-sample": Opacus' classic hooks keep every parameter's per-sample gradient
   (B x the model in memory), clip each, sum. 2-3x slower for the CNN students.
 """
@@ -72,14 +72,11 @@ class PrivateTraining:
 
         self.ghost = plan.clipping == "ghost"
         if self.ghost:
-            from opacus.grad_sample import GradSampleModuleFastGradientClipping as Module
-            from opacus.optimizers import DPOptimizerFastGradientClipping as Optimizer
+            from opacus.optimizers import DPOptimizerFastGradientClipping as Optimizer  # noises the given .grad
 
-            from fedus.privacy.conv_norms import register_conv_norms
+            from fedus.privacy.bookkeeping import BookkeepingModule
 
-            register_conv_norms()
-            self.module = Module(student, loss_reduction="mean", strict=True, max_grad_norm=plan.max_grad_norm,
-                                 use_ghost_clipping=True)
+            self.module = BookkeepingModule(student, plan.max_grad_norm)
         elif plan.clipping == "per-sample":
             from opacus import GradSampleModule
             from opacus.optimizers import DPOptimizer as Optimizer
@@ -106,24 +103,18 @@ class PrivateTraining:
         return images.detach().requires_grad_(True) if self.ghost else images
 
     def backward(self, per_sample_loss: torch.Tensor, inputs: torch.Tensor) -> None:
-        """Gradient of the batch's mean loss with each sample's part clipped to `max_grad_norm` (before the
-        optimizer's noise): the per-sample losses, [B], must each depend on their own sample only, and
-        come from the student's `inputs` (from `track`).
+        """Set .grad to the batch's summed gradient with each sample's part clipped to `max_grad_norm` (the
+        optimizer adds the noise and divides by the expected batch size): the per-sample losses, [B], must
+        each depend on their own sample only, and come from the student's `inputs` (from `track`).
 
-        Ghost: pass 1 asks autograd only for the gradient towards the images, so the hooks see every
-        layer's output gradient (all the norms need) while no weight gradient is formed - Opacus' own
-        `DPTensorFastGradientClipping` forms them and throws them away (~13 % of a ResNet-18 step here).
-        Pass 2 back-propagates the loss re-weighted by each sample's clipping factor, hooks off."""
+        Ghost: one backward pass, asking autograd only for the gradient towards the images: the hooks see
+        every layer's input and output gradient, take the per-sample norms from them, and keep them to
+        form the clipped gradient afterwards (fedus.privacy.bookkeeping)."""
         if not self.ghost:
             per_sample_loss.mean().backward()  # the optimizer clips the stored per-sample gradients
             return
-        torch.autograd.grad(per_sample_loss.mean(), inputs, retain_graph=True)
-        clip = self.module.get_clipping_coef().to(per_sample_loss.device)
-        self.module.disable_hooks()
-        try:
-            (clip * per_sample_loss).sum().backward()
-        finally:
-            self.module.enable_hooks()
+        torch.autograd.grad(per_sample_loss.mean(), inputs)
+        self.module.clipped_gradients()
 
     def noise_only_step(self) -> None:
         """An empty Poisson batch is still a step: the update is pure noise, as the accountant assumes."""

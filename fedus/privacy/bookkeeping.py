@@ -1,0 +1,95 @@
+"""Ghost clipping in one backward pass: norms from the hooks, the clipped gradient by book-keeping.
+
+Opacus' fast gradient clipping needs a second backward pass of the loss
+re-weighted by each image's clipping factor. Every layer's input and output
+gradient are already at hand in the first pass, and a weight gradient is just
+their product summed over the batch, so the clipped gradient can be formed from
+them directly (Bu et al. 2023, "book-keeping"): for Conv2d and Linear the
+output gradient is scaled per image and one weight-gradient kernel runs; small
+layers (norms, prefix tokens, depthwise convs) keep Opacus' per-sample
+gradients and sum them with the factors. The first pass asks autograd only for
+the gradient towards the images, so no weight gradient is formed twice.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.utils.module_utils import trainable_parameters
+from torch import nn
+
+from fedus.privacy.conv_norms import conv2d_norm_sample
+
+
+def _kept_whole(module: nn.Module) -> bool:
+    """Layers whose clipped gradient is formed from (input, output gradient) rather than per-sample grads."""
+    return type(module) is nn.Linear or (type(module) is nn.Conv2d and module.groups == 1
+                                         and isinstance(module.padding, tuple) and module.padding_mode == "zeros")
+
+
+def _per_image(clip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return clip.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+class BookkeepingModule(GradSampleModuleFastGradientClipping):
+    """Opacus' ghost-clipping hooks that also keep what the clipped gradient is made of."""
+
+    def __init__(self, module: nn.Module, max_grad_norm: float):
+        super().__init__(module, loss_reduction="mean", strict=True, max_grad_norm=max_grad_norm,
+                         use_ghost_clipping=True)
+        self.kept: list[tuple] = []
+
+    def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output, loss_reduction: str,
+                               batch_first: bool) -> None:
+        if not self.hooks_enabled:
+            return
+        activations, backprops = self.rearrange_grad_samples(
+            module=module, backprops=forward_output[0].detach(), loss_reduction=loss_reduction, batch_first=batch_first)
+        params = [p for _, p in trainable_parameters(module)]
+        if any(p._forward_counter != 1 for p in params):
+            raise NotImplementedError(f"{type(module).__name__}: a layer used twice in one forward (weight tying)")
+        if _kept_whole(module):
+            x = activations[0].to(backprops.dtype)
+            if type(module) is nn.Conv2d:
+                norms = conv2d_norm_sample(module, [x], backprops)
+            else:
+                norms = self.NORM_SAMPLERS[nn.Linear](module, [x], backprops)
+            self.kept.append((module, x, backprops))
+        else:
+            sampler = self.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient)
+            grads = sampler(module, activations, backprops)
+            norms = {p: g.reshape(len(g), -1).norm(2, dim=-1) for p, g in grads.items()}
+            self.kept.extend(("sample", p, g) for p, g in grads.items())
+        for p in params:
+            p._norm_sample = norms[p]
+            p._forward_counter -= 1
+        if not module.activations:
+            del module.max_batch_len
+
+    def clipped_gradients(self) -> None:
+        """Set each parameter's .grad to the sum over images of its clipped per-image gradient."""
+        clip = self.get_clipping_coef()
+        for entry in self.kept:
+            if entry[0] == "sample":
+                _, p, g = entry
+                _add_grad(p, torch.einsum("n,n...->...", clip.to(g.dtype), g))
+                continue
+            module, x, b = entry
+            b = b * _per_image(clip, b)
+            if type(module) is nn.Conv2d:
+                if module.weight.requires_grad:
+                    _add_grad(module.weight, torch.nn.grad.conv2d_weight(
+                        x, module.weight.shape, b, module.stride, module.padding, module.dilation, module.groups))
+                if module.bias is not None and module.bias.requires_grad:
+                    _add_grad(module.bias, b.sum((0, 2, 3)))
+            else:  # Linear on [B, D] or [B, ..., D]
+                if module.weight.requires_grad:
+                    _add_grad(module.weight, b.reshape(-1, b.shape[-1]).t() @ x.reshape(-1, x.shape[-1]))
+                if module.bias is not None and module.bias.requires_grad:
+                    _add_grad(module.bias, b.reshape(-1, b.shape[-1]).sum(0))
+        self.kept.clear()
+
+
+def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    p.grad = g.to(p.dtype) if p.grad is None else p.grad + g.to(p.dtype)
