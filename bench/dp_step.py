@@ -10,6 +10,7 @@ per-sample gradient) and `ghost` (fedus' default: per-sample norms only, the
 clipped gradient by book-keeping in one backward pass, fedus.privacy.bookkeeping).
 
     python bench/dp_step.py                 # CPU defaults (small, a few minutes)
+    python bench/dp_step.py --preset cpu-b64  # the same at batch 64
     python bench/dp_step.py --preset h100   # 224 px, batch 256
 """
 
@@ -31,6 +32,9 @@ from bench.machine import RandomImages, machine, write_result  # noqa: E402
 PRESETS = {
     "cpu": dict(image_size=64, batch_size=32, steps=8, teacher="vit_tiny_patch16_224", threads=1,
                 students=["resnet10t", "resnet18", "vit_tiny_patch16_224"]),
+    # the issue's "larger logical batches" lever: the per-step noise and optimizer cost spread over 2x the images
+    "cpu-b64": dict(image_size=64, batch_size=64, steps=8, teacher="vit_tiny_patch16_224", threads=1,
+                    students=["resnet10t", "resnet18", "vit_tiny_patch16_224"]),
     "h100": dict(image_size=224, batch_size=256, steps=20, teacher="vit_small_patch16_224", threads=8,
                  students=["resnet10t", "resnet18", "vit_tiny_patch16_224"]),
 }
