@@ -187,7 +187,8 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "prv"] = "rdp"
     clipping: Literal["ghost", "per-sample"] = Field(
         "ghost", description="how per-sample clipping is computed (same result): 'ghost' = per-sample gradient norms "
-        "only, then a second backward (fast); 'per-sample' = Opacus' hooks store every per-sample gradient")
+        "only and the clipped gradient in the same backward pass (fast); 'per-sample' = Opacus' hooks store every "
+        "per-sample gradient")
     epsilon_budget: float = Field(
         8.0, ge=0, description="simulation default only: a deployed site sets its own (node config 'epsilon-budget')")
     ledger_dir: str = Field("", description="simulation: folder of per-site ledgers (empty = <run-dir>/privacy-ledgers)")

@@ -50,8 +50,8 @@ def test_student_arch_is_dp_compatible_with_per_sample_grads(arch):
 
 @pytest.mark.parametrize("arch", ["resnet10t", "resnet18", "vit_tiny_patch16_224", "mobilenetv3_small_100"])
 def test_ghost_clipping_takes_the_same_clipped_step_as_per_sample_clipping(arch):
-    """Ghost clipping (norms only, second backward) and Opacus' stored per-sample gradients clip the same
-    per-image gradients: with no noise, both hand the optimizer the same clipped mean gradient.
+    """Ghost clipping (norms only, clipped gradient by book-keeping) and Opacus' stored per-sample
+    gradients clip the same per-image gradients: with no noise, both hand the optimizer the same clipped mean gradient.
     The clipping norm is small enough that every image is clipped (checked), so a wrong norm would show."""
     from fedus.distill.losses import per_image_token_mse
 

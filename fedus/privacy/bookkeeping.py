@@ -51,10 +51,8 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
             raise NotImplementedError(f"{type(module).__name__}: a layer used twice in one forward (weight tying)")
         if _kept_whole(module):
             x = activations[0].to(backprops.dtype)
-            if type(module) is nn.Conv2d:
-                norms = conv2d_norm_sample(module, [x], backprops)
-            else:
-                norms = self.NORM_SAMPLERS[nn.Linear](module, [x], backprops)
+            norm_sampler = conv2d_norm_sample if type(module) is nn.Conv2d else self.NORM_SAMPLERS[nn.Linear]
+            norms = norm_sampler(module, [x], backprops)
             self.kept.append((module, x, backprops))
         else:
             sampler = self.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient)

@@ -14,7 +14,7 @@ the cheaper of two exact forms (Li et al. 2022, "mixed ghost clipping"; Bu et al
   the stem (many positions, few channels),
 
 with A the unfolded input [D = C_in*k*k, T] and B the output gradient [P = C_out, T].
-Grouped (depthwise) convolutions keep Opacus' per-sample gradient: theirs are small.
+Grouped (depthwise) convolutions are left to Opacus' per-sample gradient: theirs are small.
 """
 
 from __future__ import annotations
@@ -30,15 +30,11 @@ def ghost_is_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
 
 def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor
                        ) -> dict[nn.Parameter, torch.Tensor]:
-    """Opacus norm-sampler signature: {parameter: [B] per-sample gradient L2 norms}."""
-    from opacus.grad_sample.conv import compute_conv_grad_sample
+    """Opacus norm-sampler signature: {parameter: [B] per-sample gradient L2 norms}. Ungrouped convs only."""
     from opacus.utils.tensor_utils import unfold2d
 
     x = activations[0].to(backprops.dtype)
     n = x.shape[0]
-    if layer.groups != 1 or n == 0:
-        grads = compute_conv_grad_sample(layer, activations, backprops)
-        return {p: g.reshape(len(g), -1).norm(2, dim=-1) for p, g in grads.items()}
     a = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
                  dilation=layer.dilation)  # [B, D, T]
     b = backprops.reshape(n, backprops.shape[1], -1)  # [B, P, T]
