@@ -117,12 +117,13 @@ def _site_manifests(root: Path) -> dict[str, Path]:
     return out
 
 
-def _start_site(site: str, data: Path, port: int, root: Path, certs: Path, keys: Path) -> subprocess.Popen:
+def _start_site(site: str, data: Path, port: int, root: Path, certs: Path, keys: Path,
+                task_processes: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core per site: two sites, two cores
     cmd = [sys.executable, "-m", "fedus", "client", "start", "--site", site, "--data", str(data),
            "--server", f"localhost:{port}", "--root-cert", str(certs / "ca.crt"), "--key", str(keys / site),
-           "--state", str(root / site)]
-    with open(root / f"{site}.log", "wb") as log:
+           "--state", str(root / site), "--task-processes", task_processes]
+    with open(root / f"{site}.log", "ab") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -151,9 +152,12 @@ class SiteWatch(threading.Thread):
     def __init__(self, sites: dict[str, subprocess.Popen]):
         super().__init__(daemon=True)
         self.sites, self.done, self.died = sites, threading.Event(), None
+        self.expected_stop = False  # while the sites are restarted on purpose
 
     def run(self) -> None:
         while not self.done.wait(2.0):
+            if self.expected_stop:
+                continue
             gone = [s for s, p in self.sites.items() if p.poll() is not None]
             if gone:
                 self.died = f"site process(es) {gone} ended during the benchmark"
@@ -223,15 +227,15 @@ def _superlink_errors(log: Path, offset: int) -> dict[str, int]:
 
 
 def run_setting(student: str, work: str, dtype: str, rounds: int, env: dict, state: Path, every: int = 1,
-                with_train: bool = True) -> dict:
+                with_train: bool = True, task_processes: str = "warm") -> dict:
     """One `flwr run`; a run that fails still gives the rounds it completed (and their bytes)."""
     cfg = server_config(None, _sets(student, work, dtype, every, with_train), rounds, len(SITES))
-    run_dir = state / f"{student}-{work}-{dtype}-{_variant(every, with_train)}"
+    run_dir = state / f"{student}-{work}-{dtype}-{_variant(every, with_train)}-{task_processes}"
     link_log = state / "superlink.log"
     offset = link_log.stat().st_size
     began = time.perf_counter()
     out = {"student": student, "work": work, "transfer_dtype": dtype, "rounds": rounds, "evaluate_every": every,
-           "evaluate_with_train": with_train,
+           "evaluate_with_train": with_train, "task_processes": task_processes,
            "local_steps": cfg.train.local_steps, "batch_size": cfg.train.batch_size}
     try:
         submit_run(cfg, env, run_dir, timeout=600 if work == "tiny" else 1500)
@@ -280,6 +284,9 @@ def main() -> None:
                     help="federation.evaluate-every values, each setting run once per value (side by side)")
     ap.add_argument("--evaluate-with-train", choices=["on", "off"], nargs="+", default=["on"],
                     help="federation.evaluate-with-train values, each setting run once per value (side by side)")
+    ap.add_argument("--task-processes", choices=["warm", "fresh"], nargs="+", default=["warm"],
+                    help="sites' ClientApp processes (`fedus client start --task-processes`); with both, every "
+                         "setting runs with each, side by side (the sites are restarted in between)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per run (default: the plan's)")
     ap.add_argument("--dtype", choices=["fp16", "fp32"], default=None, help="run only this wire dtype")
     ap.add_argument("--out", type=Path, default=None)
@@ -306,13 +313,21 @@ def main() -> None:
             with superlink(settings) as env:
                 for site in SITES:
                     register_site(keys / f"{site}.pub", site, env)
-                    sites[site] = _start_site(site, manifests[site], settings.port, root, certs, keys)
-                watch.start()
-                for (student, work, dtype, rounds), every, carry in variants:
-                    results.append(run_setting(student, work, dtype, args.rounds or rounds, env,
-                                               settings.state.resolve(), every, carry))
-                    if "exceeded" in results[-1].get("error", ""):  # its ServerApp may still be running: stop here
-                        raise RuntimeError(results[-1]["error"])
+                for i, kind in enumerate(args.task_processes):
+                    if i:  # the sites restart with the other kind of task process; the SuperLink stays
+                        watch.expected_stop = True
+                        for site, proc in sites.items():
+                            _stop_site(proc, root / site)
+                    for site in SITES:  # (a site retries until the SuperLink has let its previous connection go)
+                        sites[site] = _start_site(site, manifests[site], settings.port, root, certs, keys, kind)
+                    watch.expected_stop = False
+                    if not i:
+                        watch.start()
+                    for (student, work, dtype, rounds), every, carry in variants:
+                        results.append(run_setting(student, work, dtype, args.rounds or rounds, env,
+                                                   settings.state.resolve(), every, carry, kind))
+                        if "exceeded" in results[-1].get("error", ""):  # its ServerApp may still run: stop here
+                            raise RuntimeError(results[-1]["error"])
         except (Exception, KeyboardInterrupt) as err:  # the result records how far it got, and why not further
             error = watch.died or f"{type(err).__name__}: {err}"
             for site in SITES:
@@ -328,9 +343,11 @@ def main() -> None:
                 for pid in flower_home_pids(h.resolve())]
     load_after = list(os.getloadavg())
 
-    def headline(student: str, work: str, dtype: str = "fp16", every: int = 1, carry: bool = True) -> dict | None:
+    def headline(student: str, work: str, dtype: str = "fp16", every: int = 1, carry: bool = True,
+                 kind: str = "warm") -> dict | None:
         r = next((r for r in results if (r["student"], r["work"], r["transfer_dtype"], r["evaluate_every"],
-                                         r["evaluate_with_train"]) == (student, work, dtype, every, carry)), None)
+                                         r["evaluate_with_train"], r["task_processes"])
+                  == (student, work, dtype, every, carry, kind)), None)
         if r is None or "mean" not in r:
             return None
         return {"round_wall_s": r["mean"]["round_wall_s"], "site_train_s": r["site_work_mean_s"]["train"],
@@ -340,9 +357,10 @@ def main() -> None:
                 "train_phase_overhead_share": r["mean"]["train_phase_overhead_share"],
                 "bytes_up_per_site_per_round": r["bytes_up_per_site_per_round"], "failed": r.get("error")}
 
-    figures = {f"{s}/{w}" + (f"/evaluate-every-{e}" if e != 1 else "") + ("" if c else "/evaluation-apart"):
-               headline(s, w, every=e, carry=c)
-               for s in STUDENTS for w in WORK for e in args.evaluate_every for c in carries}
+    figures = {f"{s}/{w}" + (f"/evaluate-every-{e}" if e != 1 else "") + ("" if c else "/evaluation-apart")
+               + ("" if k == "warm" else "/fresh-task-processes"): headline(s, w, every=e, carry=c, kind=k)
+               for s in STUDENTS for w in WORK for e in args.evaluate_every for c in carries
+               for k in args.task_processes}
     for s in STUDENTS:
         b16, b32 = (next((r.get("bytes_up_per_site_per_round") for r in results
                           if (r["student"], r["transfer_dtype"]) == (s, d)), None)
@@ -352,10 +370,12 @@ def main() -> None:
     result = {
         "benchmark": "round_overhead", "machine": machine(),
         "deployment": ("loopback; one flower-superlink (TLS + SuperNode auth, one HTTPS port), two `fedus client start` "
-                       "processes (flower-supernode, subprocess isolation: a fresh flwr-clientapp per message), "
+                       "processes (flower-supernode; task processes 'warm': `--isolation process` + client/warm_superexec.py, "
+                       "each message's ClientApp process forked from a preloaded forkserver; 'fresh': subprocess "
+                       "isolation, a new flwr-clientapp interpreter per message), "
                        "`flwr run` per setting; sites OMP_NUM_THREADS=1 (two sites on two cores)"),
         "settings": {"common": COMMON, "work": WORK, "plan": [list(p) for p in PLAN if p in plan], "sites": SITES,
-                     "evaluate_every": args.evaluate_every, "evaluate_with_train": args.evaluate_with_train,
+                     "evaluate_every": args.evaluate_every, "task_processes": args.task_processes, "evaluate_with_train": args.evaluate_with_train,
                      "rounds_override": args.rounds,
                      "overhead_definition": "(train_wall - slower site's train_seconds [+ its eval_seconds of the "
                                             "previous round's student, carried by the train message]) + (eval_wall - "

@@ -348,3 +348,23 @@ def test_secure_aggregation_runs_on_the_deployment_runtime(tmp_path, synthetic_m
     cos = [sum(m["cos"] for m in r["eval"].values()) / len(SITES) for r in (summary["rounds"][0], trained[-1])]
     assert cos[1] > cos[0] + 0.05, cos  # the securely aggregated student moved toward the teacher
     _no_leftovers(state / "flwr-home", *[tmp_path / s / "flwr-home" for s in SITES])
+
+
+def test_a_site_with_an_unknown_task_process_kind_is_a_one_line_error(tmp_path, fedus_cli):
+    code, _, stderr = fedus_cli("client", "start", "--site", "a", "--data", tmp_path, "--server", "localhost:1",
+                                "--insecure", "--state", tmp_path / "s", "--task-processes", "lukewarm")
+    assert code == 2 and "--task-processes must be one of warm, fresh" in stderr and "Traceback" not in stderr
+
+
+def test_a_warm_task_process_loads_the_clientapp_from_the_runs_fab_not_the_installed_one(tmp_path):
+    """client/warm_superexec.py forks tasks from a process that imported the installed `client` package;
+    each task must still run the ClientApp of the run's FAB (installed under FLWR_HOME), as `flwr-clientapp` does."""
+    fab = tmp_path / "fab"
+    (fab / "client").mkdir(parents=True)
+    (fab / "client" / "__init__.py").write_text("")
+    (fab / "client" / "app.py").write_text("ORIGIN = 'fab'\n")
+    code = ("import sys, importlib, client.warm_superexec as w; w.forget_app_modules(); "
+            f"sys.path.insert(0, {str(fab)!r}); print(importlib.import_module('client.app').ORIGIN)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "fab"

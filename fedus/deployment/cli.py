@@ -76,6 +76,8 @@ def client_start(
     state: Optional[Path] = typer.Option(None, help="site state folder (logs, privacy ledger); default fedus-site-NAME"),
     epsilon_budget: Optional[float] = typer.Option(None, help="this site's DP budget: rounds beyond it are refused"),
     max_wait: Optional[float] = typer.Option(None, help="stop retrying the server after this many seconds"),
+    task_processes: str = typer.Option("warm", help="warm: each message's ClientApp process forks from one that "
+                                       "already imported torch and fedus; fresh: Flower's own, a new interpreter per message"),
 ) -> None:
     """Start this hospital's SuperNode; it reconnects with back-off while the server is away."""
     from fedus.config import ConfigError
@@ -87,7 +89,7 @@ def client_start(
         console.print("[yellow]WARNING[/yellow]: --insecure: plaintext traffic; for testing only")
     settings = SiteSettings(name=site, data=data, server=server, state=state or Path(f"fedus-site-{site}"),
                             root_cert=None if insecure else root_cert, private_key=None if insecure else key,
-                            epsilon_budget=epsilon_budget, max_wait=max_wait)
+                            epsilon_budget=epsilon_budget, max_wait=max_wait, task_processes=task_processes)
     run_site(settings)
 
 

@@ -20,6 +20,9 @@ from fedus.config import ConfigError
 from fedus.processes import FlowerProcessError, flower_bin, flower_env, free_port, kill_flower_home, kill_group, start
 
 
+TASK_PROCESSES = ("warm", "fresh")
+
+
 @dataclass
 class SiteSettings:
     name: str
@@ -30,7 +33,12 @@ class SiteSettings:
     private_key: Path | None = None
     epsilon_budget: float | None = None
     max_wait: float | None = None  # give up reconnecting after this many seconds (None = keep trying)
+    task_processes: str = "warm"  # "warm": forked from preloaded imports (client/warm_superexec.py); "fresh": Flower's own
     extra_node_config: dict[str, str | float | int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task_processes not in TASK_PROCESSES:
+            raise ConfigError(f"--task-processes must be one of {', '.join(TASK_PROCESSES)}, not {self.task_processes!r}")
 
 
 def node_config(s: SiteSettings) -> str:
@@ -43,11 +51,17 @@ def node_config(s: SiteSettings) -> str:
     return " ".join(f"{k}={v!r}".replace("'", '"') if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
 
 
-def command(s: SiteSettings, runtime_port: int) -> list[str]:
+def command(s: SiteSettings, runtime_port: int, executor_secret: Path | None = None) -> list[str]:
+    """The SuperNode. With warm task processes it runs no SuperExec of its own (`--isolation process`):
+    `executor_command` is started beside it, and both share a secret for the local Runtime API."""
     if not s.data.exists():
         raise ConfigError(f"site data not found: {s.data}")
     cmd = [flower_bin("flower-supernode"), "--superlink", s.server, "--port", str(runtime_port),
-           "--node-config", node_config(s), "--isolation", "subprocess"]
+           "--node-config", node_config(s)]
+    if s.task_processes == "warm":
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(executor_secret)]
+    else:
+        cmd += ["--isolation", "subprocess"]
     if s.max_wait is not None:
         cmd += ["--max-wait-time", str(s.max_wait)]
     if s.root_cert is None:
@@ -60,6 +74,23 @@ def command(s: SiteSettings, runtime_port: int) -> list[str]:
             raise ConfigError(f"site private key not found: {s.private_key} (make it with `fedus site keygen {s.name}`)")
         cmd += ["--auth-supernode-private-key", str(Path(s.private_key).resolve())]
     return cmd
+
+
+def executor_command(runtime_port: int, supernode_pid: int, executor_secret: Path) -> list[str]:
+    """The site's SuperExec (warm task processes), on the SuperNode's loopback Runtime API; it ends with the SuperNode."""
+    return [sys.executable, "-m", "client.warm_superexec", "--insecure", "--runtime-api-address",
+            f"127.0.0.1:{runtime_port}", "--parent-pid", str(supernode_pid),
+            "--superexec-auth-secret-file", str(executor_secret)]
+
+
+def new_executor_secret(state: Path) -> Path:
+    """A fresh shared secret (owner-only file) so that no other local process can take this site's tasks."""
+    path = state / "superexec.secret"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+    return path.resolve()
 
 
 # Flower says only "Failed to activate SuperNode" for both cases: an unknown key, or a key whose previous
@@ -107,7 +138,7 @@ def run_site(s: SiteSettings) -> int:
     log = s.state / "supernode.log"
     began = time.monotonic()
     stopping = False
-    running: list = []  # the SuperNode now running (a signal may come before the first starts)
+    running: list = []  # the SuperNode (and its SuperExec) now running (a signal may come before the first starts)
     timers: list[threading.Timer] = []
 
     def stop(signum, frame):
@@ -125,8 +156,12 @@ def run_site(s: SiteSettings) -> int:
     try:
         while True:
             offset = log.stat().st_size if log.is_file() else 0
-            proc = start(command(s, free_port()), flower_env(home), log)
+            port = free_port()
+            secret = new_executor_secret(s.state) if s.task_processes == "warm" else None
+            proc = start(command(s, port, secret), flower_env(home), log)
             running[:] = [proc]
+            if secret is not None:
+                running.append(start(executor_command(port, proc.pid, secret), flower_env(home), log))
             (s.state / "supernode.pid").write_text(str(proc.pid))
             try:
                 if stopping:
@@ -135,7 +170,8 @@ def run_site(s: SiteSettings) -> int:
             finally:
                 for t in timers:
                     t.cancel()
-                kill_group(proc)
+                for p in reversed(running):
+                    kill_group(p)
                 kill_flower_home(home)
             if stopping or code == 0:
                 return 0
