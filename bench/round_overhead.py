@@ -12,9 +12,11 @@ alone). Overhead = what the phases took beyond the slower site's own work:
     overhead_s = (train_wall - max_site train_seconds) + (eval_wall - max_site eval_seconds)
 
 i.e. Flower's message path (SuperLink, SuperNode, HTTP polling, object
-push/pull), a fresh `flwr-clientapp` process per message (Python + torch
-import; each reply's `startup_seconds` measures it: the process's age when
-the handler began, reported as `startup_s` per round, slower site per phase),
+push/pull), the process per message that runs the ClientApp (forked from the
+site's preloaded forkserver with `--task-processes warm`, the default; a fresh
+`flwr-clientapp` interpreter importing Python, torch and fedus with `fresh`;
+each reply's `startup_seconds` measures it: the process's age when the
+handler began, reported as `startup_s` per round, slower site per phase),
 (de)serialisation; the server's aggregation + checkpoint is reported
 apart (round_wall - train_wall - eval_wall). Bytes: the students as sent
 (`bytes_up`/`bytes_down` in the record, payload only) and the SuperLink's own
@@ -25,6 +27,7 @@ Fleet traffic count for the run (objects and messages, eval included).
     python bench/round_overhead.py --only tiny --student vit_tiny_patch16_224 --out ...
     python bench/round_overhead.py --only tiny --student vit_tiny_patch16_224 --dtype fp16 \
         --evaluate-with-train on off --rounds 3     # evaluation carried by train messages vs apart
+    python bench/round_overhead.py --only epochs4 --dtype fp16 --task-processes warm fresh
 """
 
 from __future__ import annotations
