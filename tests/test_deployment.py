@@ -92,8 +92,10 @@ def _server_args(state: Path, port: int, certs: Path | None, register: Path | No
     return args
 
 
-def _site_args(site: str, data: Path, port: int, state: Path, certs: Path | None, key: Path | None) -> list[str]:
-    args = ["client", "start", "--site", site, "--data", data, "--server", f"localhost:{port}", "--state", state]
+def _site_args(site: str, data: Path, port: int, state: Path, certs: Path | None, key: Path | None,
+               task_processes: str = "warm") -> list[str]:
+    args = ["client", "start", "--site", site, "--data", data, "--server", f"localhost:{port}", "--state", state,
+            "--task-processes", task_processes]
     return args + (["--root-cert", certs / "ca.crt", "--key", key] if certs else ["--insecure"])
 
 
@@ -272,7 +274,9 @@ def _kill_server(state: Path, proc: subprocess.Popen) -> None:
 def test_a_server_killed_after_round_2_of_4_resumes_and_ends_bit_identical(tmp_path, synthetic_manifest):
     """`fedus server --resume` after a crash: rounds 3-4 run once each, and the final student equals
     an uninterrupted run's bit for bit. The uninterrupted run is the same config in Flower's
-    simulation runtime: the same sites, seeds and code, so the same replies."""
+    simulation runtime: the same sites, seeds and code, so the same replies. One site forks its
+    ClientApp processes warm (the default), the other starts Flower's fresh `flwr-clientapp` per
+    message: both kinds must give the same replies."""
     import torch
 
     from fedus.config import RunConfig
@@ -291,8 +295,10 @@ def test_a_server_killed_after_round_2_of_4_resumes_and_ends_bit_identical(tmp_p
     port, state = free_port(), tmp_path / "server"
     server_args = ["server", "--state", state, "--insecure", "--host", "127.0.0.1", "--port", port]
     server = _spawn([*server_args, "--rounds", 4, "--min-sites", 2, *common], tmp_path / "server.log")
-    sites = {c: _spawn(_site_args(c, m, port, tmp_path / c, None, None), tmp_path / f"{c}.log")
-             for c, m in _centre_manifests(synthetic_manifest).items()}
+    manifests = _centre_manifests(synthetic_manifest)
+    kinds = dict(zip(manifests, ["warm", "fresh"]))
+    sites = {c: _spawn(_site_args(c, m, port, tmp_path / c, None, None, kinds[c]), tmp_path / f"{c}.log")
+             for c, m in manifests.items()}
     summary_file = state / "run" / "summary.json"
     try:
         deadline = time.monotonic() + 500
@@ -320,6 +326,8 @@ def test_a_server_killed_after_round_2_of_4_resumes_and_ends_bit_identical(tmp_p
     assert (state / "run" / "flwr-run.interrupted-1.log").read_text(errors="replace") == first_log  # kept
     a, b = load_state(tmp_path / "whole" / "global-round-004.safetensors"), load_state(state / "run" / "global-round-004.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the warm site ran its own SuperExec (with the secret it shares with its SuperNode), the fresh one Flower's
+    assert {c: (tmp_path / c / "superexec.secret").is_file() for c in sites} == {c: k == "warm" for c, k in kinds.items()}
     _no_leftovers(state / "flwr-home", tmp_path / "whole" / "flwr-home", *[tmp_path / c / "flwr-home" for c in sites])
 
 
