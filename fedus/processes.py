@@ -25,6 +25,19 @@ from fedus.progress import progress_bar
 APP_ROOT = Path(__file__).resolve().parent.parent
 
 
+def flower_app() -> Path:
+    """The folder `flwr run` builds the fedus FAB from: the source tree, whose pyproject.toml names the apps.
+
+    A wheel install (`pip install .`) puts fedus in site-packages without it; an editable install keeps it."""
+    if not (APP_ROOT / "pyproject.toml").is_file() or not (APP_ROOT / "server" / "app.py").is_file():
+        from fedus.config import ConfigError
+
+        raise ConfigError(f"fedus starts its Flower apps from its source tree, and {APP_ROOT} is not one (no "
+                          "pyproject.toml and server/app.py): install fedus from a checkout with `pip install -e "
+                          "<checkout>`, as deploy/Dockerfile does")
+    return APP_ROOT
+
+
 class FlowerProcessError(RuntimeError):
     """A Flower process failed or never became ready; the message names the log to read."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import tomli_w
 
 from fedus.config import RunConfig
-from fedus.processes import (APP_ROOT, FlowerProcessError, check_completed, flower_bin, flower_env, free_port,
+from fedus.processes import (FlowerProcessError, check_completed, flower_app, flower_bin, flower_env, free_port,
                              kill_flower_home, kill_group, start, stream_run, wait_healthy)
 
 
@@ -48,6 +48,7 @@ def simulate(cfg: RunConfig, num_sites: int, run_dir: Path, timeout: float = 360
 
     `cpus_per_site`: Flower's client resources. Ray runs as many ClientApp actors as the
     machine has CPUs for, each serving many sites in turn (1 = one site per core at a time)."""
+    app = flower_app()  # before any process starts
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
     flwr_home = run_dir / "flwr-home"
@@ -58,7 +59,7 @@ def simulate(cfg: RunConfig, num_sites: int, run_dir: Path, timeout: float = 360
         (flwr_home / "config.toml").write_text(tomli_w.dumps(
             {"superlink": {"default": "fedus-sim", "fedus-sim": {"address": address, "insecure": True}}}))
         federation = f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site:g}"
-        cmd = [flower_bin("flwr"), "run", str(APP_ROOT), "fedus-sim", "--stream",
+        cmd = [flower_bin("flwr"), "run", str(app), "fedus-sim", "--stream",
                "--federation-config", federation, "--run-config", str(run_dir / "run-config.toml")]
         stream_run(cmd, env, run_dir / "flwr-run.log", cfg.rounds, timeout, run_dir)
     check_completed(run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import click
@@ -11,7 +12,8 @@ import yaml
 
 from fedus.cli import app
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
 
 
 def parse_cli(args: list[str]) -> click.Context:
@@ -63,5 +65,20 @@ def test_k8s_server_keeps_state_on_a_volume_and_exposes_the_superlink_port():
 
 def test_dockerfile_installs_fedus_and_runs_its_cli():
     text = (DEPLOY / "Dockerfile").read_text()
-    assert 'ENTRYPOINT ["fedus"]' in text and "pip install ." in text
+    # editable: `fedus server` builds the Flower app from the source tree (fedus.processes.flower_app)
+    assert 'ENTRYPOINT ["fedus"]' in text and "pip install -e ." in text
+    copied = {src for line in text.splitlines() if line.startswith("COPY ") for src in line.split()[1:-1]}
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["fab-include"]
+    assert {p.strip("/").split("/")[0] for p in include} <= copied  # Flower refuses a pattern that matches nothing
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
+
+
+def test_a_wheel_install_without_the_source_tree_is_a_clear_error(monkeypatch, tmp_path):
+    """`flwr run` needs the app's pyproject.toml; site-packages has none: say how to install, start nothing."""
+    import fedus.processes as processes
+    from fedus.config import ConfigError
+
+    assert (processes.flower_app() / "pyproject.toml").is_file()  # this checkout
+    monkeypatch.setattr(processes, "APP_ROOT", tmp_path / "site-packages")
+    with pytest.raises(ConfigError, match=r"not one .*pip install -e"):
+        processes.flower_app()

@@ -18,7 +18,7 @@ import tomli_w
 
 from fedus.config import ConfigError, RunConfig
 from fedus.deployment.certs import check_public_key, check_server_certs
-from fedus.processes import (APP_ROOT, check_completed, flower_bin, flower_env, kill_flower_home, kill_group, start,
+from fedus.processes import (check_completed, flower_app, flower_bin, flower_env, kill_flower_home, kill_group, start,
                              stream_run, wait_healthy)
 
 FEDERATION = "fedus-deploy"
@@ -96,7 +96,7 @@ def submit_run(cfg: RunConfig, env: dict[str, str], run_dir: Path, timeout: floa
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"run_dir": str(run_dir.resolve())})
     (run_dir / "run-config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
-    cmd = [flower_bin("flwr"), "run", str(APP_ROOT), FEDERATION, "--stream", "--run-config", str(run_dir / "run-config.toml")]
+    cmd = [flower_bin("flwr"), "run", str(flower_app()), FEDERATION, "--stream", "--run-config", str(run_dir / "run-config.toml")]
     log = run_dir / "flwr-run.log"
     if cfg.resume and log.is_file():  # the interrupted run's log is evidence: keep it
         log.rename(run_dir / f"flwr-run.interrupted-{len(list(run_dir.glob('flwr-run.interrupted-*.log'))) + 1}.log")
@@ -108,6 +108,7 @@ def serve(cfg: RunConfig, settings: ServerSettings, timeout: float = 24 * 3600.0
     if settings.certs is None:
         print("WARNING: --insecure: plaintext traffic and no site authentication; for testing only", file=sys.stderr)
     run_dir = settings.state.resolve() / "run"
+    flower_app()  # before any process starts
     with superlink(settings) as env:
         if settings.register is not None:
             if settings.certs is None:
