@@ -94,11 +94,17 @@ def test_conv_norms_equal_the_norms_of_opacus_per_sample_gradients(stride, paddi
     backprops = torch.randn_like(out)
     positions = out.shape[2] * out.shape[3]
     assert ghost_is_cheaper(positions, 24 * 9, 40) == (size < 16)  # both forms are exercised
-    want = {p: g.reshape(5, -1).norm(dim=1) for p, g in compute_conv_grad_sample(conv, [x], backprops).items()}
-    got = conv2d_norm_sample(conv, [x], backprops)
+    per_sample = compute_conv_grad_sample(conv, [x], backprops)
+    want = {p: g.reshape(5, -1).norm(dim=1) for p, g in per_sample.items()}
+    formed = {}
+    got = conv2d_norm_sample(conv, [x], backprops, formed)
     assert got.keys() == want.keys() and len(got) == 1 + bias
     for p in want:
         torch.testing.assert_close(got[p], want[p], rtol=1e-4, atol=1e-5)
+    # the direct form hands over the per-sample gradients it built (book-keeping sums them clipped); the Gram form has none
+    assert formed.keys() == (set() if positions * (24 * 9 + 40) < 24 * 9 * 40 else per_sample.keys())
+    for p, g in formed.items():
+        torch.testing.assert_close(g, per_sample[p], rtol=1e-4, atol=1e-5)
 
 
 def _opacus_epsilon(noise, rate, steps, delta):

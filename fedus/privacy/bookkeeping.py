@@ -5,9 +5,11 @@ re-weighted by each image's clipping factor. Every layer's input and output
 gradient are already at hand in the first pass, and a weight gradient is just
 their product summed over the batch, so the clipped gradient can be formed from
 them directly (Bu et al. 2023, "book-keeping"): for Conv2d and Linear the
-output gradient is scaled per image and one weight-gradient kernel runs; small
-layers (norms, prefix tokens, depthwise convs) keep Opacus' per-sample
-gradients and sum them with the factors. The first pass asks autograd only for
+output gradient is scaled per image and one weight-gradient kernel runs, except
+where a conv's norm was taken from its per-sample gradients (many positions, few
+channels: the stem and early blocks), which are then summed with the factors like
+those of the small layers (norms, prefix tokens, depthwise convs; Opacus' per-sample
+gradients). The first pass asks autograd only for
 the gradient towards the images, so no weight gradient is formed twice.
 """
 
@@ -51,9 +53,15 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
             raise NotImplementedError(f"{type(module).__name__}: a layer used twice in one forward (weight tying)")
         if _kept_whole(module):
             x = activations[0].to(backprops.dtype)
-            norm_sampler = conv2d_norm_sample if type(module) is nn.Conv2d else self.NORM_SAMPLERS[nn.Linear]
-            norms = norm_sampler(module, [x], backprops)
-            self.kept.append((module, x, backprops))
+            formed: dict[nn.Parameter, torch.Tensor] = {}
+            if type(module) is nn.Conv2d:
+                norms = conv2d_norm_sample(module, [x], backprops, formed)
+            else:
+                norms = self.NORM_SAMPLERS[nn.Linear](module, [x], backprops)
+            if formed:  # the per-sample gradients exist already (the stem, early convs): sum them clipped
+                self.kept.extend(("sample", p, g) for p, g in formed.items())
+            else:
+                self.kept.append((module, x, backprops))
         else:
             sampler = self.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient)
             grads = sampler(module, activations, backprops)

@@ -28,9 +28,13 @@ def ghost_is_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
     return positions * (fan_in + fan_out) < fan_in * fan_out
 
 
-def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor
-                       ) -> dict[nn.Parameter, torch.Tensor]:
-    """Opacus norm-sampler signature: {parameter: [B] per-sample gradient L2 norms}. Ungrouped convs only."""
+def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor,
+                       formed: dict[nn.Parameter, torch.Tensor] | None = None) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus norm-sampler signature: {parameter: [B] per-sample gradient L2 norms}. Ungrouped convs only.
+
+    `formed`, if given, receives the per-sample gradients ({parameter: [B, *shape]}) where the direct
+    form built them anyway, so book-keeping can sum them with the clipping factors instead of running
+    a second weight-gradient convolution over the layer's many positions."""
     from opacus.utils.tensor_utils import unfold2d
 
     x = activations[0].to(backprops.dtype)
@@ -45,9 +49,15 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
             gram_b = torch.bmm(b.transpose(1, 2), b)
             squared = (gram_a * gram_b).sum((1, 2)).clamp(min=0)
         else:
-            squared = torch.bmm(b, a.transpose(1, 2)).pow(2).sum((1, 2))
+            grads = torch.bmm(b, a.transpose(1, 2))  # [B, P, D]: D ordered as the weight's (C_in, kh, kw)
+            squared = grads.pow(2).sum((1, 2))
+            if formed is not None:
+                formed[layer.weight] = grads.view(n, *layer.weight.shape)
         norms[layer.weight] = squared.sqrt()
     if layer.bias is not None and layer.bias.requires_grad:
-        norms[layer.bias] = b.sum(2).norm(2, dim=1)
+        bias_grads = b.sum(2)
+        norms[layer.bias] = bias_grads.norm(2, dim=1)
+        if formed:
+            formed[layer.bias] = bias_grads
     return norms
 

@@ -11,9 +11,10 @@ Two ways to clip, the same clipped sum (`privacy.clipping`):
 * "ghost" (default): per-sample gradient *norms* from each layer's input and
   output gradient (Linear by Opacus, Conv2d by `fedus.privacy.conv_norms`), and
   the clipped gradient formed from the same two in one backward pass
-  (`fedus.privacy.bookkeeping`); no per-sample gradient of a weight layer is stored;
+  (`fedus.privacy.bookkeeping`); per-sample gradients are kept only where a conv's
+  norm formed them anyway (the stem and first blocks: few channels, small);
 * "per-sample": Opacus' classic hooks keep every parameter's per-sample gradient
-  (B x the model in memory), clip each, sum. 2-3.5x slower (bench/dp_step.py).
+  (B x the model in memory), clip each, sum. 2-4x slower (bench/dp_step.py).
 """
 
 from __future__ import annotations
