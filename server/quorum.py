@@ -20,8 +20,12 @@ from flwr.serverapp import Grid
 
 
 class QuorumGrid(Grid):
-    def __init__(self, grid: Grid, quorum: int, straggler_wait: float, poll_interval: float = 1.0):
-        """`straggler_wait` <= 0: wait for every site until the timeout (Flower's rule)."""
+    def __init__(self, grid: Grid, quorum: int, straggler_wait: float, poll_interval: float = 0.25):
+        """`straggler_wait` <= 0: wait for every site until the timeout (Flower's rule).
+
+        `poll_interval`: a poll is one small request to the SuperLink for the pending reply ids, while
+        each second of waiting past the last reply is a second of every site's round (Flower's own
+        deployment grid sleeps 3 s between polls)."""
         self.grid = grid
         self.quorum = max(1, quorum)
         self.straggler_wait = straggler_wait

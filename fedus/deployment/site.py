@@ -48,7 +48,22 @@ def node_config(s: SiteSettings) -> str:
     if s.epsilon_budget is not None:
         values["epsilon-budget"] = float(s.epsilon_budget)
     values.update(s.extra_node_config)
-    return " ".join(f"{k}={v!r}".replace("'", '"') if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
+    return " ".join(f"{k}={node_config_value(v)}" for k, v in values.items())
+
+
+def node_config_value(v: str | float | int | bool) -> str:
+    """One value as Flower parses it (a quoted run of characters, then TOML): a literal '...' string,
+    so a Windows path's backslashes stay as typed, or a basic "..." one for a value holding an
+    apostrophe (a folder named after St Mary's), which a literal string cannot."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if not isinstance(v, str):
+        return repr(v)
+    if any(ord(c) < 32 for c in v) or ("'" in v and '"' in v):
+        raise ConfigError(f"{v!r} cannot be passed to Flower's --node-config (a control character, or both ' and \")")
+    if "'" not in v:
+        return f"'{v}'"
+    return '"' + v.replace("\\", "\\\\") + '"'
 
 
 def command(s: SiteSettings, runtime_port: int, executor_secret: Path | None = None) -> list[str]:
