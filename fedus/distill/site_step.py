@@ -144,15 +144,14 @@ def site_step(
         with autocast_for(device, cfg.precision):
             wanted = targets.complete(teacher, batch, images) if targets is not None else None  # cached tokens
             if dp is not None:  # token-MSE without mixup (private_train_config): clipped image by image
-                tracked = dp.track(images)
-                per_image = per_image_token_mse(student(tracked), teacher(images) if wanted is None else wanted)
+                per_image = per_image_token_mse(student(images), teacher(images) if wanted is None else wanted)
                 out = LossOutput(per_image.detach().mean())
             elif wanted is not None:
                 out = LossOutput(token_mse(student(images), wanted))
             else:
                 out = objective(inputs)  # mixup (train.mixup) happens inside token-mse
         if dp is not None:
-            dp.backward(per_image, tracked)
+            dp.backward(per_image)
         else:
             out.loss.backward()
         optimizer.step()

@@ -9,8 +9,11 @@ output gradient is scaled per image and one weight-gradient kernel runs, except
 where a conv's norm was taken from its per-sample gradients (many positions, few
 channels: the stem and early blocks), which are then summed with the factors like
 those of the small layers (norms, prefix tokens, depthwise convs; Opacus' per-sample
-gradients). The first pass asks autograd only for
-the gradient towards the images, so no weight gradient is formed twice.
+gradients). The one backward pass asks autograd for no weight gradient, so none is
+formed twice: it asks for the gradient towards `anchor`, a zero added to the output
+of every layer fed only by tensors that need no gradient (the images). That reaches
+every layer's hook, and stops short of the first layer's input gradient (towards the
+images: a full convolution that nothing uses).
 """
 
 from __future__ import annotations
@@ -41,6 +44,23 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
         super().__init__(module, loss_reduction="mean", strict=True, max_grad_norm=max_grad_norm,
                          use_ghost_clipping=True)
         self.kept: list[tuple] = []
+        self.anchor = torch.zeros((), requires_grad=True)
+        for layer in self.iterate_submodules(self._module):  # after Opacus' own forward hooks; removed with them
+            self.autograd_grad_sample_hooks.append(layer.register_forward_hook(self._anchor_first_layer))
+
+    def _anchor_first_layer(self, layer: nn.Module, inputs: tuple, output):
+        """Add `anchor` (zero) to the output of a layer whose inputs need no gradient."""
+        if not (self.hooks_enabled and layer.training and torch.is_grad_enabled()) or any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise NotImplementedError(f"{type(layer).__name__}: a first layer with a non-tensor output")
+        return output + self.anchor.to(device=output.device, dtype=output.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The one backward pass, then each parameter's .grad = its clipped per-image gradients, summed."""
+        torch.autograd.grad(loss, self.anchor)
+        self.clipped_gradients()
 
     def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output, loss_reduction: str,
                                batch_first: bool) -> None:

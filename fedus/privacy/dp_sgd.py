@@ -48,7 +48,7 @@ class DPPlan:
         return replace(self, noise_multiplier=noise_multiplier)
 
 
-# Per-sample clipping: images never require grad, so the first hooked layer always triggers this (harmless) notice.
+# Images never require grad, so the first hooked layer always triggers this (harmless, intended) notice.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
 
 
@@ -99,23 +99,18 @@ class PrivateTraining:
     def _count(self, _optimizer) -> None:
         self.steps += 1
 
-    def track(self, images: torch.Tensor) -> torch.Tensor:
-        """The student's input for `backward`: ghost clipping's first pass differentiates towards it."""
-        return images.detach().requires_grad_(True) if self.ghost else images
-
-    def backward(self, per_sample_loss: torch.Tensor, inputs: torch.Tensor) -> None:
+    def backward(self, per_sample_loss: torch.Tensor) -> None:
         """Set .grad to the batch's summed gradient with each sample's part clipped to `max_grad_norm` (the
         optimizer adds the noise and divides by the expected batch size): the per-sample losses, [B], must
-        each depend on their own sample only, and come from the student's `inputs` (from `track`).
+        each depend on their own sample only.
 
-        Ghost: one backward pass, asking autograd only for the gradient towards the images: the hooks see
-        every layer's input and output gradient, take the per-sample norms from them, and keep them to
-        form the clipped gradient afterwards (fedus.privacy.bookkeeping)."""
-        if not self.ghost:
+        Ghost: one backward pass that forms no weight gradient: the hooks see every layer's input and
+        output gradient, take the per-sample norms from them, and keep them to form the clipped
+        gradient afterwards (fedus.privacy.bookkeeping)."""
+        if self.ghost:
+            self.module.backward(per_sample_loss.mean())
+        else:
             per_sample_loss.mean().backward()  # the optimizer clips the stored per-sample gradients
-            return
-        torch.autograd.grad(per_sample_loss.mean(), inputs)
-        self.module.clipped_gradients()
 
     def noise_only_step(self) -> None:
         """An empty Poisson batch is still a step: the update is pure noise, as the accountant assumes."""
