@@ -44,9 +44,12 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
         super().__init__(module, loss_reduction="mean", strict=True, max_grad_norm=max_grad_norm,
                          use_ghost_clipping=True)
         self.kept: list[tuple] = []
+        self.batch_size = 0
         self.anchor = torch.zeros((), requires_grad=True)
+        self.layer_params = {}
         for layer in self.iterate_submodules(self._module):  # after Opacus' own forward hooks; removed with them
             self.autograd_grad_sample_hooks.append(layer.register_forward_hook(self._anchor_first_layer))
+            self.layer_params[layer] = [p for _, p in trainable_parameters(layer)]
 
     def _anchor_first_layer(self, layer: nn.Module, inputs: tuple, output):
         """Add `anchor` (zero) to the output of a layer whose inputs need no gradient."""
@@ -57,18 +60,22 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
             raise NotImplementedError(f"{type(layer).__name__}: a first layer with a non-tensor output")
         return output + self.anchor.to(device=output.device, dtype=output.dtype)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """The one backward pass, then each parameter's .grad = its clipped per-image gradients, summed."""
-        torch.autograd.grad(loss, self.anchor)
+    def backward(self, per_sample_loss: torch.Tensor) -> None:
+        """The one backward pass of the batch's mean loss, then each parameter's .grad = its clipped
+        per-image gradients, summed."""
+        self.batch_size = len(per_sample_loss)
+        torch.autograd.grad(per_sample_loss.mean(), self.anchor)
         self.clipped_gradients()
 
     def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output, loss_reduction: str,
                                batch_first: bool) -> None:
+        """Per-image norms, and what the clipped gradient is made of. The output gradient of the mean loss
+        is each image's own over the batch size: the norms are scaled back here, and the clipping factors
+        once in `clipped_gradients`, rather than every layer's output gradient (Opacus)."""
         if not self.hooks_enabled:
             return
-        activations, backprops = self.rearrange_grad_samples(
-            module=module, backprops=forward_output[0].detach(), loss_reduction=loss_reduction, batch_first=batch_first)
-        params = [p for _, p in trainable_parameters(module)]
+        activations, backprops = module.activations.pop(), forward_output[0].detach()
+        params = self.layer_params[module]
         if any(p._forward_counter != 1 for p in params):
             raise NotImplementedError(f"{type(module).__name__}: a layer used twice in one forward (weight tying)")
         if _kept_whole(module):
@@ -88,14 +95,12 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
             norms = {p: g.reshape(len(g), -1).norm(2, dim=-1) for p, g in grads.items()}
             self.kept.extend(("sample", p, g) for p, g in grads.items())
         for p in params:
-            p._norm_sample = norms[p]
+            p._norm_sample = norms[p] * self.batch_size
             p._forward_counter -= 1
-        if not module.activations:
-            del module.max_batch_len
 
     def clipped_gradients(self) -> None:
         """Set each parameter's .grad to the sum over images of its clipped per-image gradient."""
-        clip = self.get_clipping_coef()
+        clip = self.get_clipping_coef() * self.batch_size  # the kept output gradients are the mean loss's
         for entry in self.kept:
             if entry[0] == "sample":
                 _, p, g = entry

@@ -108,7 +108,7 @@ class PrivateTraining:
         output gradient, take the per-sample norms from them, and keep them to form the clipped
         gradient afterwards (fedus.privacy.bookkeeping)."""
         if self.ghost:
-            self.module.backward(per_sample_loss.mean())
+            self.module.backward(per_sample_loss)
         else:
             per_sample_loss.mean().backward()  # the optimizer clips the stored per-sample gradients
 
