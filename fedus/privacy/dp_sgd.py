@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from fedus.config import ConfigError, DistillConfig, TrainConfig
+from fedus.config import ConfigError, DistillConfig, PrivacyConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,11 @@ class DPPlan:
     max_grad_norm: float
     sample_rate: float
     expected_batch_size: int
-    clipping: str = "ghost"  # or "per-sample": how the per-sample clipping is computed, not what it is
+    clipping: str = PrivacyConfig().clipping  # how the per-sample clipping is computed, not what it is
 
     @classmethod
     def for_site(cls, n_train: int, batch_size: int, noise_multiplier: float, max_grad_norm: float,
-                 clipping: str = "ghost") -> "DPPlan":
+                 clipping: str = PrivacyConfig().clipping) -> "DPPlan":
         rate = min(1.0, batch_size / max(n_train, 1))
         return cls(noise_multiplier, max_grad_norm, rate, max(1, round(rate * n_train)), clipping)
 
