@@ -45,7 +45,8 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
                          use_ghost_clipping=True)
         self.kept: list[tuple] = []
         self.batch_size = 0
-        self.anchor = torch.zeros((), requires_grad=True)
+        # on the student's device: a CPU anchor would be copied to the GPU in every forward, a sync per step
+        self.anchor = torch.zeros((), device=next(self._module.parameters()).device, requires_grad=True)
         self.layer_params = {}
         for layer in self.iterate_submodules(self._module):  # after Opacus' own forward hooks; removed with them
             self.autograd_grad_sample_hooks.append(layer.register_forward_hook(self._anchor_first_layer))

@@ -28,6 +28,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from fedus.config import ConfigError, DistillConfig, PrivacyConfig, TrainConfig
 
 
+CLIPPING = PrivacyConfig().clipping  # the run config's default: one place for it
+
+
 @dataclass(frozen=True)
 class DPPlan:
     """What one round of DP-SGD at a site will do (and what its ledger entry will say)."""
@@ -36,11 +39,11 @@ class DPPlan:
     max_grad_norm: float
     sample_rate: float
     expected_batch_size: int
-    clipping: str = PrivacyConfig().clipping  # how the per-sample clipping is computed, not what it is
+    clipping: str = CLIPPING  # how the per-sample clipping is computed, not what it is
 
     @classmethod
     def for_site(cls, n_train: int, batch_size: int, noise_multiplier: float, max_grad_norm: float,
-                 clipping: str = PrivacyConfig().clipping) -> "DPPlan":
+                 clipping: str = CLIPPING) -> "DPPlan":
         rate = min(1.0, batch_size / max(n_train, 1))
         return cls(noise_multiplier, max_grad_norm, rate, max(1, round(rate * n_train)), clipping)
 
