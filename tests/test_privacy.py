@@ -76,6 +76,39 @@ def test_ghost_clipping_takes_the_same_clipped_step_as_per_sample_clipping(arch)
     assert all(step.abs().max() > 0 for step in steps["ghost"].values())
 
 
+@pytest.mark.parametrize("clipping", ["ghost", "per-sample"])
+def test_the_noised_step_is_opacus_own_draw_for_draw(clipping):
+    """fedus noises the summed gradient in place (no model-sized copies per step); the step must still be
+    exactly Opacus' stock optimizer's: same generator draws, same sum, same division, two steps running."""
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+
+    from fedus.distill.losses import per_image_token_mse
+
+    stock = DPOptimizerFastGradientClipping if clipping == "ghost" else DPOptimizer
+    x, target = torch.rand(6, 3, 32, 32), torch.randn(6, 4, 192)
+    grads = {}
+    for version in ("fedus", "opacus"):
+        student = create_student(StudentConfig(arch="resnet10t", head_hidden=16), 192, (2, 2), 32, 0,
+                                 dp_compatible=True)
+        data = [{"image": torch.rand(3, 32, 32)} for _ in range(12)]
+        dp = PrivateTraining(student, torch.optim.SGD(student.parameters(), lr=0.1), data,
+                             DPPlan(1.3, 0.5, 0.5, 6, clipping), seed=3, device=torch.device("cpu"))
+        assert isinstance(dp.optimizer, stock) and type(dp.optimizer) is not stock
+        if version == "opacus":
+            dp.optimizer = stock(dp.optimizer.original_optimizer, noise_multiplier=1.3, max_grad_norm=0.5,
+                                 expected_batch_size=6, loss_reduction="mean",
+                                 generator=torch.Generator().manual_seed(4))
+        for _ in range(2):
+            dp.backward(per_image_token_mse(student(x), target))
+            dp.optimizer.step()
+            grads.setdefault(version, []).append([p.grad.clone() for p in student.parameters() if p.requires_grad])
+            dp.optimizer.zero_grad(set_to_none=True)
+        dp.close()
+    for ours, theirs in zip(grads["fedus"], grads["opacus"]):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert not all(torch.equal(a, b) for a, b in zip(*grads["fedus"]))  # the second step drew new noise
+
+
 @pytest.mark.parametrize("stride, padding, dilation, bias, size", [
     (1, 1, 1, True, 16),  # many positions, few channels: the per-sample gradient form
     (2, 0, 1, False, 6),  # few positions, wide channels: the Gram (ghost) form

@@ -19,6 +19,7 @@ Two ways to clip, the same clipped sum (`privacy.clipping`):
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, replace
 
@@ -65,6 +66,48 @@ class _EmptyAware:
         return default_collate(batch) if batch else dict(self.empty)
 
 
+class _InPlaceNoise:
+    """Opacus' noise step with the same draws and the same arithmetic, in place.
+
+    Opacus makes four model-sized tensors per step (a deep copy of the gradient, zeros,
+    the noise, their sum), each new allocation page-faulted in: ~5 % of a ResNet-18 ghost
+    step on CPU. Here the noise is drawn into one buffer per parameter, kept across steps,
+    and added to the summed gradient in place. Not for Opacus' secure mode (fedus never sets it)."""
+
+    def add_noise(self) -> None:
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        buffers = self.__dict__.setdefault("_noise_buffers", {})
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            if std != 0:
+                noise = buffers.get(p)
+                if noise is None or noise.shape != p.summed_grad.shape:
+                    noise = buffers[p] = torch.empty_like(p.summed_grad)
+                p.summed_grad.add_(noise.normal_(0, std, generator=self.generator))
+            p.grad = p.summed_grad.view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+@functools.cache
+def _optimizer_class(clipping: str):
+    """Opacus' DP optimizer for the clipping mode, with fedus' in-place noise."""
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+
+    if clipping == "per-sample":  # clips the stored per-sample gradients into a new summed_grad
+        return type("DPOptimizer", (_InPlaceNoise, DPOptimizer), {})
+
+    def accumulate(self) -> None:
+        """The summed gradient is book-keeping's .grad itself (Opacus deep-copies it): one step per
+        backward pass, and .grad is replaced by the noised sum in `add_noise`."""
+        for p in self.params:
+            p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad.add_(p.grad)
+
+    return type("DPOptimizerFastGradientClipping", (_InPlaceNoise, DPOptimizerFastGradientClipping),
+                {"accumulate": accumulate})
+
+
 class PrivateTraining:
     def __init__(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer, train_set: Dataset, plan: DPPlan,
                  seed: int, device: torch.device, num_workers: int = 0):
@@ -76,18 +119,16 @@ class PrivateTraining:
 
         self.ghost = plan.clipping == "ghost"
         if self.ghost:
-            from opacus.optimizers import DPOptimizerFastGradientClipping as Optimizer  # noises the given .grad
-
             from fedus.privacy.bookkeeping import BookkeepingModule
 
             self.module = BookkeepingModule(student, plan.max_grad_norm)
         elif plan.clipping == "per-sample":
             from opacus import GradSampleModule
-            from opacus.optimizers import DPOptimizer as Optimizer
 
             self.module = GradSampleModule(student, loss_reduction="mean", strict=True)
         else:
             raise ConfigError(f"privacy.clipping must be 'ghost' or 'per-sample', got '{plan.clipping}'")
+        Optimizer = _optimizer_class(plan.clipping)  # ghost: noises the given .grad
         noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
         self.optimizer = Optimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                                    expected_batch_size=plan.expected_batch_size, loss_reduction="mean",
