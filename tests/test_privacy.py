@@ -109,23 +109,27 @@ def test_the_noised_step_is_opacus_own_draw_for_draw(clipping):
     assert not all(torch.equal(a, b) for a, b in zip(*grads["fedus"]))  # the second step drew new noise
 
 
-@pytest.mark.parametrize("stride, padding, dilation, bias, size", [
-    (1, 1, 1, True, 16),  # many positions, few channels: the per-sample gradient form
-    (2, 0, 1, False, 6),  # few positions, wide channels: the Gram (ghost) form
-    (1, 2, 2, True, 5),
+@pytest.mark.parametrize("channels, stride, padding, dilation, bias, size", [
+    (24, 1, 1, 1, True, 16),  # many positions, few channels: the per-sample gradient form (grouped convolution)
+    (3, 2, 3, 1, True, 16),  # the same form for an RGB stem (unfold + bmm)
+    (24, 2, 0, 1, False, 6),  # few positions, wide channels: the Gram (ghost) form
+    (24, 1, 2, 2, True, 5),
 ])
-def test_conv_norms_equal_the_norms_of_opacus_per_sample_gradients(stride, padding, dilation, bias, size):
+def test_conv_norms_equal_the_norms_of_opacus_per_sample_gradients(channels, stride, padding, dilation, bias, size):
     from opacus.grad_sample.conv import compute_conv_grad_sample
 
-    from fedus.privacy.conv_norms import conv2d_norm_sample, ghost_is_cheaper
+    from fedus.privacy.conv_norms import GROUPED_MIN_CHANNELS, conv2d_norm_sample, ghost_is_cheaper
 
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(24, 40, 3, stride=stride, padding=padding, dilation=dilation, bias=bias)
-    x = torch.randn(5, 24, size, size)
+    kernel = 7 if channels == 3 else 3
+    conv = torch.nn.Conv2d(channels, 40, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    x = torch.randn(5, channels, size, size)
     out = conv(x)
     backprops = torch.randn_like(out)
-    positions = out.shape[2] * out.shape[3]
-    assert ghost_is_cheaper(positions, 24 * 9, 40) == (size < 16)  # both forms are exercised
+    positions, fan_in = out.shape[2] * out.shape[3], channels * kernel * kernel
+    direct = positions * (fan_in + 40) >= fan_in * 40
+    assert ghost_is_cheaper(positions, fan_in, 40) == (not direct) == (size < 16)  # both forms are exercised
+    assert (channels >= GROUPED_MIN_CHANNELS) == (channels == 24)  # and both ways of the direct form
     per_sample = compute_conv_grad_sample(conv, [x], backprops)
     want = {p: g.reshape(5, -1).norm(dim=1) for p, g in per_sample.items()}
     formed = {}
@@ -134,7 +138,7 @@ def test_conv_norms_equal_the_norms_of_opacus_per_sample_gradients(stride, paddi
     for p in want:
         torch.testing.assert_close(got[p], want[p], rtol=1e-4, atol=1e-5)
     # the direct form hands over the per-sample gradients it built (book-keeping sums them clipped); the Gram form has none
-    assert formed.keys() == (set() if positions * (24 * 9 + 40) < 24 * 9 * 40 else per_sample.keys())
+    assert formed.keys() == (per_sample.keys() if direct else set())
     for p, g in formed.items():
         torch.testing.assert_close(g, per_sample[p], rtol=1e-4, atol=1e-5)
 
