@@ -118,7 +118,7 @@ def test_the_noised_step_is_opacus_own_draw_for_draw(clipping):
 def test_conv_norms_equal_the_norms_of_opacus_per_sample_gradients(channels, stride, padding, dilation, bias, size):
     from opacus.grad_sample.conv import compute_conv_grad_sample
 
-    from fedus.privacy.conv_norms import GROUPED_MIN_CHANNELS, conv2d_norm_sample, ghost_is_cheaper
+    from fedus.privacy.conv_norms import GROUPED_MIN_CHANNELS, conv2d_norm_sample, conv2d_weight_grad, ghost_is_cheaper
 
     torch.manual_seed(0)
     kernel = 7 if channels == 3 else 3
@@ -141,6 +141,9 @@ def test_conv_norms_equal_the_norms_of_opacus_per_sample_gradients(channels, str
     assert formed.keys() == (per_sample.keys() if direct else set())
     for p, g in formed.items():
         torch.testing.assert_close(g, per_sample[p], rtol=1e-4, atol=1e-5)
+    # the batch's weight gradient (book-keeping's clipped sum): a matrix product on the 2x2 map, the kernel elsewhere
+    torch.testing.assert_close(conv2d_weight_grad(conv, x, backprops), per_sample[conv.weight].sum(0),
+                               rtol=1e-4, atol=1e-4)
 
 
 def _opacus_epsilon(noise, rate, steps, delta):

@@ -5,7 +5,8 @@ re-weighted by each image's clipping factor. Every layer's input and output
 gradient are already at hand in the first pass, and a weight gradient is just
 their product summed over the batch, so the clipped gradient can be formed from
 them directly (Bu et al. 2023, "book-keeping"): for Conv2d and Linear the
-output gradient is scaled per image and one weight-gradient kernel runs, except
+output gradient is scaled per image and one weight-gradient product runs (for a
+conv, its kernel or, on tiny wide maps, a matrix product: `conv2d_weight_grad`), except
 where a conv's norm was taken from its per-sample gradients (many positions, few
 channels: the stem and early blocks), which are then summed with the factors like
 those of the small layers (norms, prefix tokens, depthwise convs; Opacus' per-sample
@@ -24,7 +25,7 @@ from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 
-from fedus.privacy.conv_norms import conv2d_norm_sample
+from fedus.privacy.conv_norms import conv2d_norm_sample, conv2d_weight_grad
 
 
 def _kept_whole(module: nn.Module) -> bool:
@@ -111,8 +112,7 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
             b = b * _per_image(clip, b)
             if type(module) is nn.Conv2d:
                 if module.weight.requires_grad:
-                    _add_grad(module.weight, torch.nn.grad.conv2d_weight(
-                        x, module.weight.shape, b, module.stride, module.padding, module.dilation, module.groups))
+                    _add_grad(module.weight, conv2d_weight_grad(module, x, b))
                 if module.bias is not None and module.bias.requires_grad:
                     _add_grad(module.bias, b.sum((0, 2, 3)))
             else:  # Linear on [B, D] or [B, ..., D]
