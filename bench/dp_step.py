@@ -12,6 +12,7 @@ clipped gradient by book-keeping in one backward pass, fedus.privacy.bookkeeping
     python bench/dp_step.py                 # CPU defaults (small, a few minutes)
     python bench/dp_step.py --preset cpu-b64  # the same at batch 64
     python bench/dp_step.py --preset h100   # 224 px, batch 256
+    python bench/dp_step.py --targets cached --out bench/results/dp_step-cpu-cached.json
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import RandomImages, machine, write_result  # noqa: E402
 
 PRESETS = {
-    "cpu": dict(image_size=64, batch_size=32, steps=8, repeats=3, teacher="vit_tiny_patch16_224", threads=1,
+    "cpu": dict(targets="live", image_size=64, batch_size=32, steps=8, repeats=3, teacher="vit_tiny_patch16_224", threads=1,
                 students=["resnet10t", "resnet18", "vit_tiny_patch16_224"]),
     # the issue's "larger logical batches" lever: the per-step noise and optimizer cost spread over 2x the images
-    "cpu-b64": dict(image_size=64, batch_size=64, steps=8, repeats=3, teacher="vit_tiny_patch16_224", threads=1,
+    "cpu-b64": dict(targets="live", image_size=64, batch_size=64, steps=8, repeats=3, teacher="vit_tiny_patch16_224", threads=1,
                     students=["resnet10t", "resnet18", "vit_tiny_patch16_224"]),
-    "h100": dict(image_size=224, batch_size=256, steps=20, repeats=3, teacher="vit_small_patch16_224", threads=8,
+    "h100": dict(targets="live", image_size=224, batch_size=256, steps=20, repeats=3, teacher="vit_small_patch16_224", threads=8,
                  students=["resnet10t", "resnet18", "vit_tiny_patch16_224"]),
 }
 REFERENCE = ("reference (issue 5, quoted, not measured here): one H100, plain Opacus hooks, cached teacher targets: "
@@ -58,19 +61,25 @@ def measure(student_arch: str, clipping: str, p: dict) -> dict:
     teacher = create_teacher(TeacherConfig(arch=p["teacher"], blocks="2"), size)
     dp = clipping != "off"
     student = create_student(StudentConfig(arch=student_arch), teacher.dim, teacher.grid, size, seed=0, dp_compatible=dp)
-    data = RandomImages(bs * 4, size)
+    data, reference, targets = RandomImages(bs * 4, size), None, None
+    if p["targets"] == "cached":  # the issue's reference setting: the teacher's tokens read, not computed
+        data, targets = _filled_cache(teacher, bs * 4, size, Path(tempfile.mkdtemp(prefix="dp_step-targets-")))
+        reference = data.images[:8].float().div(255).expand(-1, 3, -1, -1)
     plan = DPPlan.for_site(len(data), bs, noise_multiplier=1.0, max_grad_norm=1.0, clipping=clipping) if dp else None
     cfg = TrainConfig(batch_size=bs, local_steps=1, precision="fp32", mixup=False)
-    site_step(student, teacher, data, data.x[:8], cfg, 0, device, privacy=plan)  # warm-up
+    reference = data.x[:8] if reference is None else reference
+    site_step(student, teacher, data, reference, cfg, 0, device, privacy=plan, targets=targets)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     runs = []
     for rep in range(p["repeats"]):  # the median of a few timed runs: one 8-step run moves by +-5 % here
         t = time.perf_counter()
-        r = site_step(student, teacher, data, data.x[:8], cfg.model_copy(update={"local_steps": p["steps"]}),
-                      1 + rep, device, privacy=plan)
+        r = site_step(student, teacher, data, reference, cfg.model_copy(update={"local_steps": p["steps"]}),
+                      1 + rep, device, privacy=plan, targets=targets)
         runs.append((r.metrics["images_per_s"], r.metrics["seconds"], time.perf_counter() - t))
+    if targets is not None:
+        shutil.rmtree(targets.root, ignore_errors=True)
     ips, seconds, wall = sorted(runs)[len(runs) // 2]
     out = {"student": student_arch, "teacher": p["teacher"], "dp": dp, "clipping": clipping,
            "images_per_s": round(ips, 2), "images_per_s_runs": [round(x[0], 2) for x in runs],
@@ -83,24 +92,43 @@ def measure(student_arch: str, clipping: str, p: dict) -> dict:
     return out
 
 
+def _filled_cache(teacher, n: int, size: int, root: Path):
+    """A site's target cache (one stored view per image, fedus.distill.target_cache) with every slot
+    filled: the steady state of a later round, where no step runs the teacher."""
+    from fedus.distill.target_cache import CachedViews, TargetCache
+
+    images = (torch.rand(n, 1, size, size) * 255).to(torch.uint8)  # grayscale bytes, as a site stores them
+    cache = TargetCache(root, {"bench": "dp_step", "views": 1, "n_images": n},
+                        teacher.grid[0] * teacher.grid[1], teacher.dim)
+    views = CachedViews(images, cache, None, seed=0)
+    views.materialise()
+    plain = images.float().div(255).expand(-1, 3, -1, -1)
+    for view in range(cache.slots):  # the stored view and the plain image (the reference batch's slot)
+        cache.lookup(teacher, torch.arange(n) * cache.slots + view, plain)
+    assert bool(cache.filled.all())
+    return views, cache
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--targets", choices=["live", "cached"], default=None,
+                    help="teacher tokens computed every step (the preset's default) or read from a filled cache")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: 'arch,clipping,preset'
     args = ap.parse_args()
     if args.one:
-        arch, clipping, preset = args.one.split(",")
-        print("RESULT " + json.dumps(measure(arch, clipping, PRESETS[preset])), flush=True)
+        arch, clipping, preset, targets = args.one.split(",")
+        print("RESULT " + json.dumps(measure(arch, clipping, PRESETS[preset] | {"targets": targets})), flush=True)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = args.preset or ("h100" if device == "cuda" else "cpu")
-    p = PRESETS[preset]
+    p = PRESETS[preset] | ({"targets": args.targets} if args.targets else {})
     rows = []
     for arch in p["students"]:
         side = {}
         for clipping in VARIANTS:
-            run = subprocess.run([sys.executable, __file__, "--one", f"{arch},{clipping},{preset}"],
+            run = subprocess.run([sys.executable, __file__, "--one", f"{arch},{clipping},{preset},{p['targets']}"],
                                  capture_output=True, text=True, check=True)
             row = json.loads(next(l for l in run.stdout.splitlines() if l.startswith("RESULT "))[7:])
             if clipping != "off":
@@ -121,7 +149,10 @@ def main() -> None:
                    "pass towards the images) + DPOptimizerFastGradientClipping (noise on the given gradient; both "
                    "optimizers with fedus' in-place noise, Opacus' own draws)"),
             "dp_student": "dp_compatible=True (GroupNorm, no in-place, ViT prefix tokens as a hooked layer)",
-            "baseline_student": "plain (BatchNorm)", "teacher_targets": "computed every step (not cached)",
+            "baseline_student": "plain (BatchNorm)",
+            "teacher_targets": {"live": "computed every step (not cached)",
+                                "cached": "read from a filled fedus target cache (1 stored view per image, fp16 "
+                                          "tokens), as the issue's reference; the teacher runs on no step"}[p["targets"]],
             "data": "random tensors in [0,1] (throughput only)", "weights": "random init (throughput only)",
             "images_per_s": "median of `repeats` timed runs of `steps` steps each, after one warm-up step",
             "peak_rss": "process peak RSS (ru_maxrss) of the variant's own subprocess, incl. imports"},

@@ -118,7 +118,7 @@ def test_the_noised_step_is_opacus_own_draw_for_draw(clipping):
 def test_conv_norms_equal_the_norms_of_opacus_per_sample_gradients(channels, stride, padding, dilation, bias, size):
     from opacus.grad_sample.conv import compute_conv_grad_sample
 
-    from fedus.privacy.conv_norms import GROUPED_MIN_CHANNELS, conv2d_norm_sample, conv2d_weight_grad, ghost_is_cheaper
+    from fedus.privacy.ghost_norms import GROUPED_MIN_CHANNELS, conv2d_norm_sample, conv2d_weight_grad, ghost_is_cheaper
 
     torch.manual_seed(0)
     kernel = 7 if channels == 3 else 3
@@ -144,6 +144,30 @@ def test_conv_norms_equal_the_norms_of_opacus_per_sample_gradients(channels, str
     # the batch's weight gradient (book-keeping's clipped sum): a matrix product on the 2x2 map, the kernel elsewhere
     torch.testing.assert_close(conv2d_weight_grad(conv, x, backprops), per_sample[conv.weight].sum(0),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(5, 24), (5, 7, 24), (5, 3, 40, 24)])  # one position; Gram form; direct form
+def test_linear_norms_equal_the_norms_of_opacus_per_sample_gradients(shape):
+    from opacus.grad_sample.linear import compute_linear_grad_sample
+
+    from fedus.privacy.ghost_norms import ghost_is_cheaper, linear_norm_sample
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 16)
+    x = torch.randn(*shape)
+    backprops = torch.randn_like(layer(x))
+    positions = x[0].numel() // 24
+    direct = positions > 1 and not ghost_is_cheaper(positions, 24, 16)
+    assert direct == (len(shape) == 4)
+    per_sample = compute_linear_grad_sample(layer, [x], backprops)
+    formed = {}
+    got = linear_norm_sample(layer, [x], backprops, formed)
+    assert got.keys() == per_sample.keys() == {layer.weight, layer.bias}
+    for p, g in per_sample.items():
+        torch.testing.assert_close(got[p], g.reshape(5, -1).norm(dim=1), rtol=1e-4, atol=1e-5)
+    assert formed.keys() == (per_sample.keys() if direct else set())
+    for p, g in formed.items():
+        torch.testing.assert_close(g, per_sample[p], rtol=1e-4, atol=1e-5)
 
 
 def _opacus_epsilon(noise, rate, steps, delta):

@@ -19,13 +19,15 @@ images: a full convolution that nothing uses).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
-from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 
-from fedus.privacy.conv_norms import conv2d_norm_sample, conv2d_weight_grad
+from fedus.privacy.ghost_norms import conv2d_norm_sample, conv2d_weight_grad, linear_norm_sample
 
 
 def _kept_whole(module: nn.Module) -> bool:
@@ -42,25 +44,44 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
     """Opacus' ghost-clipping hooks that also keep what the clipped gradient is made of."""
 
     def __init__(self, module: nn.Module, max_grad_norm: float):
+        # on the student's device: a CPU anchor would be copied to the GPU in every forward, a sync per step
+        self.anchor = torch.zeros((), device=next(module.parameters()).device, requires_grad=True)
         super().__init__(module, loss_reduction="mean", strict=True, max_grad_norm=max_grad_norm,
                          use_ghost_clipping=True)
         self.kept: list[tuple] = []
         self.batch_size = 0
-        # on the student's device: a CPU anchor would be copied to the GPU in every forward, a sync per step
-        self.anchor = torch.zeros((), device=next(self._module.parameters()).device, requires_grad=True)
-        self.layer_params = {}
-        for layer in self.iterate_submodules(self._module):  # after Opacus' own forward hooks; removed with them
-            self.autograd_grad_sample_hooks.append(layer.register_forward_hook(self._anchor_first_layer))
-            self.layer_params[layer] = [p for _, p in trainable_parameters(layer)]
+        self.layer_params = {layer: [p for _, p in trainable_parameters(layer)]
+                             for layer in self.iterate_submodules(self._module)}
 
-    def _anchor_first_layer(self, layer: nn.Module, inputs: tuple, output):
-        """Add `anchor` (zero) to the output of a layer whose inputs need no gradient."""
-        if not (self.hooks_enabled and layer.training and torch.is_grad_enabled()) or any(
-                isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+    def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True,
+                  force_functorch: bool = False) -> None:
+        """Opacus' hooks, but one forward hook per layer that puts a gradient hook on the layer's output,
+        instead of a full module backward hook: that one also wraps every input and output in an extra
+        autograd node and computes the gradients towards the inputs for it (Python and copies per layer)."""
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        self._module.autograd_grad_sample_hooks = self.autograd_grad_sample_hooks = []
+        for layer in self.iterate_submodules(self._module):
+            if force_functorch or type(layer) not in self.GRAD_SAMPLERS:
+                prepare_layer(layer, batch_first=batch_first)
+            self.autograd_grad_sample_hooks.append(layer.register_forward_hook(self._forward_hook))
+        self.enable_hooks()
+
+    def _forward_hook(self, layer: nn.Module, inputs: tuple, output):
+        """Keep the layer's input (Opacus), and have its output's gradient sent to `capture_backprops_hook`.
+        A layer whose inputs need no gradient (the first) gets `anchor` (zero) added to its output."""
+        if not (self.hooks_enabled and layer.training and torch.is_grad_enabled()):
             return None
         if not isinstance(output, torch.Tensor):
-            raise NotImplementedError(f"{type(layer).__name__}: a first layer with a non-tensor output")
-        return output + self.anchor.to(device=output.device, dtype=output.dtype)
+            raise NotImplementedError(f"{type(layer).__name__}: a hooked layer with a non-tensor output")
+        self.capture_activations_hook(layer, inputs, output)
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+            output = output + self.anchor.to(dtype=output.dtype)
+        output.register_hook(partial(self._output_gradient, layer))
+        return output
+
+    def _output_gradient(self, layer: nn.Module, grad: torch.Tensor) -> None:
+        self.capture_backprops_hook(layer, None, (grad,), self.loss_reduction, self.batch_first)
 
     def backward(self, per_sample_loss: torch.Tensor) -> None:
         """The one backward pass of the batch's mean loss, then each parameter's .grad = its clipped
@@ -83,10 +104,8 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
         if _kept_whole(module):
             x = activations[0].to(backprops.dtype)
             formed: dict[nn.Parameter, torch.Tensor] = {}
-            if type(module) is nn.Conv2d:
-                norms = conv2d_norm_sample(module, [x], backprops, formed)
-            else:
-                norms = self.NORM_SAMPLERS[nn.Linear](module, [x], backprops)
+            sampler = conv2d_norm_sample if type(module) is nn.Conv2d else linear_norm_sample
+            norms = sampler(module, [x], backprops, formed)
             if formed:  # the per-sample gradients exist already (the stem, early convs): sum them clipped
                 self.kept.extend(("sample", p, g) for p, g in formed.items())
             else:

@@ -9,7 +9,7 @@ code of the site step - records what clipping needs.
 
 Two ways to clip, the same clipped sum (`privacy.clipping`):
 * "ghost" (default): per-sample gradient *norms* from each layer's input and
-  output gradient (Linear by Opacus, Conv2d by `fedus.privacy.conv_norms`), and
+  output gradient (Linear and Conv2d by `fedus.privacy.ghost_norms`), and
   the clipped gradient formed from the same two in one backward pass
   (`fedus.privacy.bookkeeping`); per-sample gradients are kept only where a conv's
   norm formed them anyway (the stem and first blocks: few channels, small);

@@ -1,19 +1,21 @@
-"""Per-sample gradient norms of Conv2d layers without per-sample gradients (ghost clipping for CNNs).
+"""Per-sample gradient norms of Conv2d and Linear layers without (all) per-sample gradients.
 
 Opacus' fast gradient clipping needs only each sample's gradient *norm*; it ships
 norm samplers for Linear and Embedding and, for every other layer, builds the
 per-sample gradients just to take their norms. For a convolution that is a
 [B, C_out, C_in*k*k] tensor per layer, most of what made DP-SGD 4-5x slower than
-plain training for the ResNet students. This is a Conv2d norm (Opacus'
-norm-sampler signature, used by fedus.privacy.bookkeeping) that picks per layer
-the cheaper of two exact forms (Li et al. 2022, "mixed ghost clipping"; Bu et al. 2023):
+plain training for the ResNet students. These norms (Opacus' norm-sampler
+signature, used by fedus.privacy.bookkeeping) pick per layer the cheaper of two
+exact forms (Li et al. 2022, "mixed ghost clipping"; Bu et al. 2023):
 
 * ghost: ||sum_t b_t a_t^T||^2 = <A^T A, B^T B> over the T x T output positions,
   cost ~ T^2 (D + P) per sample - cheap in deep layers (few positions, wide channels);
 * direct: form the per-sample gradient B A^T and square it, cost ~ T D P - cheap in
   the stem (many positions, few channels),
 
-with A the unfolded input [D = C_in*k*k, T] and B the output gradient [P = C_out, T].
+with A the input [D, T] (a conv's unfolded: D = C_in*k*k; a Linear's tokens) and B
+the output gradient [P, T]. Where the direct form built the per-sample gradients,
+they are handed over (`formed`) for book-keeping to sum with the clipping factors.
 Grouped (depthwise) convolutions are left to Opacus' per-sample gradient: theirs are small.
 """
 
@@ -101,3 +103,31 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
             formed[layer.bias] = bias_grads
     return norms
 
+
+
+def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor,
+                       formed: dict[nn.Parameter, torch.Tensor] | None = None) -> dict[nn.Parameter, torch.Tensor]:
+    """As `conv2d_norm_sample`, for a Linear on [B, D] or [B, ..., D] (tokens). Opacus' own forms the
+    output gradients' Gram twice (weight and bias) and takes no direct form (at 224 px a ViT's 197 tokens
+    make the Gram the dearer one)."""
+    n = backprops.shape[0]
+    b = backprops.reshape(n, -1, backprops.shape[-1])  # [B, T, P]
+    norms = {}
+    if layer.weight.requires_grad:
+        a = activations[0].to(backprops.dtype).reshape(n, -1, activations[0].shape[-1])  # [B, T, D]
+        if b.shape[1] == 1:  # one position: ||b a^T|| = ||b|| ||a||
+            squared = b.pow(2).sum((1, 2)) * a.pow(2).sum((1, 2))
+        elif ghost_is_cheaper(b.shape[1], a.shape[2], b.shape[2]):
+            squared = (torch.bmm(b, b.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2)).clamp(min=0)
+        else:
+            grads = torch.bmm(b.transpose(1, 2), a)  # [B, P, D]
+            squared = grads.pow(2).sum((1, 2))
+            if formed is not None:
+                formed[layer.weight] = grads
+        norms[layer.weight] = squared.sqrt()
+    if layer.bias is not None and layer.bias.requires_grad:
+        bias_grads = b.sum(1)
+        norms[layer.bias] = bias_grads.norm(2, dim=1)
+        if formed:
+            formed[layer.bias] = bias_grads
+    return norms
