@@ -170,6 +170,27 @@ def test_linear_norms_equal_the_norms_of_opacus_per_sample_gradients(shape):
         torch.testing.assert_close(g, per_sample[p], rtol=1e-4, atol=1e-5)
 
 
+def test_timm_layer_norm_per_sample_gradients_are_functorchs():
+    """timm's LayerNorm gets Opacus' LayerNorm sampler (registered by fedus.privacy.compat), not the
+    slow functorch fallback: the same per-sample gradients."""
+    from opacus.grad_sample import GradSampleModule
+    from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
+    from timm.layers.norm import LayerNorm
+
+    import fedus.privacy.compat  # noqa: F401  (registers the sampler)
+
+    torch.manual_seed(0)
+    layer = LayerNorm(24)
+    torch.nn.init.normal_(layer.weight)
+    x, backprops = torch.randn(5, 7, 24), torch.randn(5, 7, 24)
+    registered = GradSampleModule.GRAD_SAMPLERS[LayerNorm](layer, [x], backprops)
+    prepare_layer(layer)
+    reference = ft_compute_per_sample_gradient(layer, [x], backprops)
+    assert registered.keys() == reference.keys() == {layer.weight, layer.bias}
+    for p in reference:
+        torch.testing.assert_close(registered[p], reference[p], rtol=1e-4, atol=1e-5)
+
+
 def _opacus_epsilon(noise, rate, steps, delta):
     acc = RDPAccountant()
     for _ in range(steps):
