@@ -78,31 +78,40 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
     x = activations[0].to(backprops.dtype)
     n = x.shape[0]
     b = backprops.reshape(n, backprops.shape[1], -1)  # [B, P, T]
-    norms = {}
+    squared = grads = None
     if layer.weight.requires_grad:
         unfold = dict(kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation)
         fan_in = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
         if ghost_is_cheaper(b.shape[2], fan_in, b.shape[1]):
-            a = unfold2d(x, **unfold)  # [B, D, T]
-            gram_a = torch.bmm(a.transpose(1, 2), a)
-            gram_b = torch.bmm(b.transpose(1, 2), b)
-            squared = (gram_a * gram_b).sum((1, 2)).clamp(min=0)
+            squared = _gram_squared(unfold2d(x, **unfold).transpose(1, 2), b.transpose(1, 2))
         else:
             if layer.in_channels >= GROUPED_MIN_CHANNELS:
                 grads = per_sample_conv_grads(layer, x, backprops)
             else:  # D ordered as the weight's (C_in, kh, kw)
                 grads = torch.bmm(b, unfold2d(x, **unfold).transpose(1, 2)).view(n, *layer.weight.shape)
             squared = grads.pow(2).sum((1, 2, 3, 4))
-            if formed is not None:
-                formed[layer.weight] = grads
+    bias_grads = b.sum(2) if layer.bias is not None and layer.bias.requires_grad else None
+    return _norms(layer, squared, grads, bias_grads, formed)
+
+
+def _gram_squared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared per-sample gradient norms from the inputs [B, T, D] and output gradients [B, T, P]."""
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)).clamp(min=0)
+
+
+def _norms(layer: nn.Module, squared: torch.Tensor | None, grads: torch.Tensor | None,
+           bias_grads: torch.Tensor | None, formed: dict | None) -> dict[nn.Parameter, torch.Tensor]:
+    """{parameter: [B] norms}; the per-sample gradients go to `formed` where the direct form built them."""
+    norms = {}
+    if squared is not None:
         norms[layer.weight] = squared.sqrt()
-    if layer.bias is not None and layer.bias.requires_grad:
-        bias_grads = b.sum(2)
+        if grads is not None and formed is not None:
+            formed[layer.weight] = grads
+    if bias_grads is not None:
         norms[layer.bias] = bias_grads.norm(2, dim=1)
         if formed:
             formed[layer.bias] = bias_grads
     return norms
-
 
 
 def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor,
@@ -112,22 +121,15 @@ def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backpr
     make the Gram the dearer one)."""
     n = backprops.shape[0]
     b = backprops.reshape(n, -1, backprops.shape[-1])  # [B, T, P]
-    norms = {}
+    squared = grads = None
     if layer.weight.requires_grad:
         a = activations[0].to(backprops.dtype).reshape(n, -1, activations[0].shape[-1])  # [B, T, D]
         if b.shape[1] == 1:  # one position: ||b a^T|| = ||b|| ||a||
             squared = b.pow(2).sum((1, 2)) * a.pow(2).sum((1, 2))
         elif ghost_is_cheaper(b.shape[1], a.shape[2], b.shape[2]):
-            squared = (torch.bmm(b, b.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2)).clamp(min=0)
+            squared = _gram_squared(a, b)
         else:
             grads = torch.bmm(b.transpose(1, 2), a)  # [B, P, D]
             squared = grads.pow(2).sum((1, 2))
-            if formed is not None:
-                formed[layer.weight] = grads
-        norms[layer.weight] = squared.sqrt()
-    if layer.bias is not None and layer.bias.requires_grad:
-        bias_grads = b.sum(1)
-        norms[layer.bias] = bias_grads.norm(2, dim=1)
-        if formed:
-            formed[layer.bias] = bias_grads
-    return norms
+    bias_grads = b.sum(1) if layer.bias is not None and layer.bias.requires_grad else None
+    return _norms(layer, squared, grads, bias_grads, formed)
