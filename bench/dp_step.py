@@ -146,7 +146,7 @@ def main() -> None:
             "dp": ("Opacus 1.6, Poisson sampling, noise 1.0, clip 1.0; clipping 'per-sample' = GradSampleModule + "
                    "DPOptimizer, 'ghost' = fedus.privacy.bookkeeping (Opacus' ghost-clipping hooks, fedus' Conv2d "
                    "norms, the clipped gradient formed from each layer's input and output gradient in one backward "
-                   "pass towards the images) + DPOptimizerFastGradientClipping (noise on the given gradient; both "
+                   "pass that stops at the first layers' outputs) + DPOptimizerFastGradientClipping (noise on the given gradient; both "
                    "optimizers with fedus' in-place noise, Opacus' own draws)"),
             "dp_student": "dp_compatible=True (GroupNorm, no in-place, ViT prefix tokens as a hooked layer)",
             "baseline_student": "plain (BatchNorm)",

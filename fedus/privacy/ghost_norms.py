@@ -22,6 +22,7 @@ Grouped (depthwise) convolutions are left to Opacus' per-sample gradient: theirs
 from __future__ import annotations
 
 import torch
+from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 
@@ -54,8 +55,6 @@ def conv2d_weight_grad(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tenso
     beats the convolution kernel's own weight gradient (CPU, 1 thread, batch 32: 512->512 3x3 at 2x2
     7.7 vs 27 ms, 512->4096 1x1 at 2x2 4.5 vs 15 ms; at 4x4 22.7 vs 33 ms for 512->512, but 7.3 vs
     5.6 ms for 256->256); elsewhere the kernel is faster (64->64 at 16x16: 4.3 vs 16 ms)."""
-    from opacus.utils.tensor_utils import unfold2d
-
     positions = backprops.shape[2] * backprops.shape[3]
     if positions <= 4 or (positions <= 16 and layer.in_channels + layer.out_channels >= 1024):
         a = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
@@ -73,8 +72,6 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
     `formed`, if given, receives the per-sample gradients ({parameter: [B, *shape]}) where the direct
     form built them anyway, so book-keeping can sum them with the clipping factors instead of running
     a second weight-gradient convolution over the layer's many positions."""
-    from opacus.utils.tensor_utils import unfold2d
-
     x = activations[0].to(backprops.dtype)
     n = x.shape[0]
     b = backprops.reshape(n, backprops.shape[1], -1)  # [B, P, T]
@@ -124,9 +121,7 @@ def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backpr
     squared = grads = None
     if layer.weight.requires_grad:
         a = activations[0].to(backprops.dtype).reshape(n, -1, activations[0].shape[-1])  # [B, T, D]
-        if b.shape[1] == 1:  # one position: ||b a^T|| = ||b|| ||a||
-            squared = b.pow(2).sum((1, 2)) * a.pow(2).sum((1, 2))
-        elif ghost_is_cheaper(b.shape[1], a.shape[2], b.shape[2]):
+        if ghost_is_cheaper(b.shape[1], a.shape[2], b.shape[2]):
             squared = _gram_squared(a, b)
         else:
             grads = torch.bmm(b.transpose(1, 2), a)  # [B, P, D]
