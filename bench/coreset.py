@@ -14,11 +14,15 @@ Cases: teacher = `random` (seeded random-init ViT-Ti, as the tests use) or `fitt
 (a ResNet-18 stand-in teacher fitted here on the pooled training splits, as the demo
 does; not a foundation model); data = `clean` (the synthetic generator's images),
 `planted` (plus duplicates and saturated / blank / noise frames, fedus.coreset.planted) or
-`cine` (each training image followed by 3 near-identical frames: 1 px shift, noise std 4).
+`cine` (each training image followed by 3 near-identical frames: 1 px shift, noise std 4), or
+`corpus` (the public corpus at $FEDUS_CORPUS, one site per dataset, its own redundancy: frames of
+one fetus, crops of one thyroid frame, frames of one lung video; the `fitted` teacher is then
+fitted on the corpus' pooled training splits).
 
     python bench/coreset.py                    # all four cases, 5 seeds (CPU, ~10-30 min on 2 cores)
     python bench/coreset.py --cases random:clean --seeds 3
     python bench/coreset.py --cases fitted:clean --centres 3 --images-per-centre 300 --steps 60 --out ...
+    python bench/coreset.py --cases fitted:corpus --steps 200 --out bench/results/coreset-corpus-cpu.json
 """
 
 from __future__ import annotations
@@ -38,22 +42,30 @@ from fedus.config import RunConfig  # noqa: E402
 from fedus.coreset import plan_budget  # noqa: E402
 from fedus.coreset.planted import add_cine_frames, plant  # noqa: E402
 from fedus.coreset.scores import histogram  # noqa: E402
+from fedus.data.manifest import read_manifest  # noqa: E402
+from fedus.data.sites import list_sites  # noqa: E402
 from fedus.data.synthetic import write_synthetic_corpus  # noqa: E402
+from fedus.scenarios import corpus_root  # noqa: E402
 from fedus.site import Site, derived_seed, initial_student, pick_device  # noqa: E402
 from fedus.teacher_fit import fit_teacher  # noqa: E402
 
 SETTINGS = dict(image_size=32, centres=2, images_per_centre=100, student="resnet10t", head_hidden=128,
                 batch_size=16, steps=30, lr=1e-3, fit_steps=300, fit_lr=1e-3)
 TEACHERS = {"random": ("vit_tiny_patch16_224", "2"), "fitted": ("resnet18", "2,")}
-CASES = ["random:clean", "fitted:clean", "random:planted", "fitted:planted"]  # also: fitted:cine
+CASES = ["random:clean", "fitted:clean", "random:planted", "fitted:planted"]  # also: fitted:cine, fitted:corpus
+CORPUS_SITE_COLUMN = "dataset"
 
 
-def config(p: dict, manifest: Path, teacher: str, seed: int, budget: float, weights: str = "") -> RunConfig:
+def config(p: dict, manifest: Path, teacher: str, seed: int, budget: float, weights: str = "",
+           corpus: bool = False) -> RunConfig:
     arch, blocks = TEACHERS[teacher]
+    data = (['data.source="manifest"', f'data.site-column="{CORPUS_SITE_COLUMN}"',
+             f"data.max-images-per-site={p['max_images_per_site']}"] if corpus
+            else [f"data.synthetic-centres={p['centres']}"])
     return RunConfig().with_overrides([
         f"teacher.arch={arch}", f'teacher.blocks="{blocks}"', f"student.arch={p['student']}",
         f"student.head-hidden={p['head_hidden']}", f"data.image-size={p['image_size']}", f'data.manifest="{manifest}"',
-        f"data.synthetic-centres={p['centres']}", f"train.batch-size={p['batch_size']}",
+        *data, f"train.batch-size={p['batch_size']}",
         f"train.local-steps={p['steps']}", f"train.lr={p['lr']}", f"seed={seed}", "rounds=1",
         "coreset.enabled=true", f"coreset.budget={budget}"] + ([f'teacher.weights="{weights}"'] if weights else []))
 
@@ -64,7 +76,9 @@ def held_out_cos(sites: list[Site], states: list[dict]) -> float:
 
 
 def run_seed(cfg: RunConfig, data: str) -> dict:
-    sites = [Site(cfg, i) for i in range(cfg.data.synthetic_centres)]
+    n_sites = (len(list_sites(read_manifest(Path(cfg.data.manifest)), cfg.data.site_column)) if data == "corpus"
+               else cfg.data.synthetic_centres)
+    sites = [Site(cfg, i) for i in range(n_sites)]
     if data == "cine":
         for site in sites:
             add_cine_frames(site.data.train, cfg.seed)
@@ -108,24 +122,34 @@ def main() -> None:
     ap.add_argument("--centres", type=int, default=SETTINGS["centres"])
     ap.add_argument("--images-per-centre", type=int, default=SETTINGS["images_per_centre"])
     ap.add_argument("--steps", type=int, default=SETTINGS["steps"], help="local steps of each training run")
+    ap.add_argument("--max-images-per-site", type=int, default=0, help="corpus: whole leakage groups up to N (0: all)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    p = dict(SETTINGS) | {"centres": args.centres, "images_per_centre": args.images_per_centre, "steps": args.steps}
+    p = dict(SETTINGS) | {"centres": args.centres, "images_per_centre": args.images_per_centre, "steps": args.steps,
+                          "max_images_per_site": args.max_images_per_site}
     device, t0 = pick_device(), time.perf_counter()
     results, teacher_source = {}, {"random": "random init (seeded); agreement with this teacher, not a foundation model"}
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = write_synthetic_corpus(Path(tmp), p["centres"], p["images_per_centre"], p["image_size"], seed=0)
-        weights = ""
-        if any(c.startswith("fitted") for c in args.cases):
-            fitted = fit_teacher(config(p, manifest, "fitted", 0, args.budget), Path(tmp) / "teacher.safetensors",
-                                 steps=p["fit_steps"], lr=p["fit_lr"], data_label="the benchmark's synthetic corpus")
-            weights, teacher_source["fitted"] = fitted.teacher.weights, fitted.teacher.source
+        manifests = {"synthetic": None, "corpus": None}
+        fitted = {}  # data source -> (weights, source)
         for case in args.cases:
             teacher, data = case.split(":")
+            source = "corpus" if data == "corpus" else "synthetic"
+            if manifests[source] is None:
+                manifests[source] = (corpus_manifest() if source == "corpus" else write_synthetic_corpus(
+                    Path(tmp), p["centres"], p["images_per_centre"], p["image_size"], seed=0))
+            manifest, corpus = manifests[source], source == "corpus"
+            if teacher == "fitted" and source not in fitted:
+                label = "the public corpus" if corpus else "the benchmark's synthetic corpus"
+                cfg = fit_teacher(config(p, manifest, "fitted", 0, args.budget, corpus=corpus),
+                                  Path(tmp) / f"teacher-{source}.safetensors", steps=p["fit_steps"], lr=p["fit_lr"],
+                                  data_label=label)
+                fitted[source] = (cfg.teacher.weights, cfg.teacher.source)
+                teacher_source[f"fitted ({source})"] = cfg.teacher.source
+            weights = fitted[source][0] if teacher == "fitted" else ""
             rows = []
             for seed in range(args.seeds):
-                cfg = config(p, manifest, teacher, seed, args.budget, weights if teacher == "fitted" else "")
-                rows.append(run_seed(cfg, data))
+                rows.append(run_seed(config(p, manifest, teacher, seed, args.budget, weights, corpus), data))
                 print(case, rows[-1], flush=True)
             results[case] = {"figures": summary(rows), "rows": rows}
     cfg = config(p, Path("synthetic"), "random", 0, args.budget)
@@ -136,17 +160,27 @@ def main() -> None:
                          "training": "one site step per site from the seeded round-0 student (no aggregation); "
                                      "coreset, random and full runs share the student, steps and training seed",
                          "augment_policy": cfg.data.augment_policy, "mixup": cfg.train.mixup},
-        "teacher": {name: {"arch": TEACHERS[name][0], "blocks": TEACHERS[name][1], "weights": teacher_source[name]}
-                    for name in teacher_source},
+        "teacher": {name: {"arch": TEACHERS[name.split()[0]][0], "blocks": TEACHERS[name.split()[0]][1],
+                           "weights": source} for name, source in teacher_source.items()},
         "data": (f"fedus synthetic B-mode generator, {p['centres']} centres x {p['images_per_centre']} images, "
                  f"{p['image_size']} px, corpus seed 0; per-site grouped train/test split (test fraction "
                  f"{cfg.data.test_fraction}); held-out cosine on each site's test split; 'planted' adds 9 copies "
                  f"of 3 images and 3 saturated, 3 blank, 3 noise frames to each site's training split; 'cine' follows "
-                 f"each training image with 3 near-identical frames (1 px shift, grey-level noise std 4)"),
+                 f"each training image with 3 near-identical frames (1 px shift, grey-level noise std 4); 'corpus': "
+                 f"the public corpus ($FEDUS_CORPUS/all_manifest.csv, not copied), one site per "
+                 f"{CORPUS_SITE_COLUMN}, split by patient and near-duplicate group, "
+                 f"{p['max_images_per_site'] or 'all'} images per site at most, {p['image_size']} px"),
         "seed": "per row: run seed (student init, k-means, warm-up, training order, random subset)",
         "cases": results, "wall_s": round(time.perf_counter() - t0, 1),
     }
     write_result(result, "coreset", "cpu" if device.type == "cpu" else "gpu", args.out)
+
+
+def corpus_manifest() -> Path:
+    manifest = corpus_root() / "all_manifest.csv"
+    if not manifest.is_file():
+        raise SystemExit(f"corpus manifest not found: {manifest} (set FEDUS_CORPUS to the corpus folder)")
+    return manifest
 
 
 if __name__ == "__main__":
