@@ -196,3 +196,25 @@ def test_last_round_evaluate_carries_the_protocol_as_scalars(cfg):
     rows = from_metrics(metrics)
     assert {r["model"] for r in rows} == {"teacher", "student", "random_init"}
     assert {(r["task"], r["fraction"]) for r in rows} >= {("cls", 0.5), ("cls", 1.0), ("seg", 1.0), ("knn", 1.0)}
+
+
+def test_teacher_agreements_score_many_students_with_one_teacher_pass(tiny_cfg):
+    """The cross-site matrix scores every produced student on a site: the teacher (the costly
+    model) must run once per held-out batch, and each cosine must equal the one-student form."""
+    from fedus.evaluation.site_eval import teacher_agreement, teacher_agreements
+    from fedus.site import Site, initial_student
+
+    site = Site(tiny_cfg, 0)
+    students = {f"s{seed}": initial_student(tiny_cfg.with_overrides([f"seed={seed}"]), site.teacher)
+                for seed in range(3)}
+    cpu, batch = torch.device("cpu"), 8
+    calls = []
+    hook = site.teacher.register_forward_hook(lambda *_: calls.append(1))
+    together = teacher_agreements(students, site.teacher, site.data, batch, cpu)
+    batches = -(-len(site.data.test) // batch)
+    assert len(calls) == batches  # not one pass per student
+    hook.remove()
+    for name, student in students.items():
+        alone = teacher_agreement(student, site.teacher, site.data, batch, cpu)
+        assert together[name] == pytest.approx(alone, rel=1e-5)
+    assert len({round(v["cos"], 6) for v in together.values()}) == 3  # three different students, three scores

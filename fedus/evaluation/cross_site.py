@@ -17,7 +17,7 @@ import torch
 
 from fedus.evaluation.knn import knn_accuracy
 from fedus.evaluation.protocol import extract, linear_head, stage_fn
-from fedus.evaluation.site_eval import teacher_agreement
+from fedus.evaluation.site_eval import teacher_agreements
 
 __all__ = ["MATRIX_METRICS", "site_cells", "matrix_rows"]
 
@@ -28,10 +28,10 @@ def site_cells(site, models: dict[str, dict[str, torch.Tensor]], knn_k: int, bat
                precision: str = "auto") -> list[dict]:
     """[{model, site, metric, value}] for each named student state on one `fedus.site.Site`."""
     cells = []
-    teacher = site.teacher
-    for name, state in models.items():
-        student = site.student(state).to(site.device).eval()
-        scores = {"cos": teacher_agreement(student, teacher, site.data, batch_size, site.device, precision)["cos"]}
+    students = {name: site.student(state) for name, state in models.items()}
+    agreement = teacher_agreements(students, site.teacher, site.data, batch_size, site.device, precision)
+    for name, student in students.items():
+        scores = {"cos": agreement[name]["cos"]}
         fn = stage_fn(student, 1)
         train = extract(fn, site.data.train, batch_size, site.device)
         test = extract(fn, site.data.test, batch_size, site.device)

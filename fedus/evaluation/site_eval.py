@@ -19,19 +19,31 @@ from fedus.distill.site_step import autocast_for
 from fedus.models import Student, Teacher
 
 
-@torch.no_grad()
 def teacher_agreement(student: Student, teacher: Teacher, site: SiteData, batch_size: int, device: torch.device, precision: str = "auto") -> dict[str, float]:
-    student.to(device).eval()
+    return teacher_agreements({"student": student}, teacher, site, batch_size, device, precision)["student"]
+
+
+@torch.no_grad()
+def teacher_agreements(students: dict[str, Student], teacher: Teacher, site: SiteData, batch_size: int,
+                       device: torch.device, precision: str = "auto") -> dict[str, dict[str, float]]:
+    """Token cosine / MSE to the teacher of several students in one pass over the held-out split:
+    the teacher (the expensive model) runs once per batch, however many students are scored."""
     teacher.to(device)
-    cos_sum, mse_sum, n = 0.0, 0.0, 0
+    for student in students.values():
+        student.to(device).eval()
+    sums = {name: [0.0, 0.0] for name in students}
+    n = 0
     for batch in DataLoader(site.test, batch_size=batch_size):
         images = batch["image"].to(device)
         with autocast_for(device, precision):
-            s, t = student(images).float(), teacher(images).float()
-        cos_sum += token_cosine(s, t).sum().item()
-        mse_sum += (s - t).pow(2).sum(-1).mean(-1).sum().item()
+            t = teacher(images).float()
+        for name, student in students.items():
+            with autocast_for(device, precision):
+                s = student(images).float()
+            sums[name][0] += token_cosine(s, t).sum().item()
+            sums[name][1] += (s - t).pow(2).sum(-1).mean(-1).sum().item()
         n += images.shape[0]
-    return {"cos": cos_sum / max(n, 1), "mse": mse_sum / max(n, 1)}
+    return {name: {"cos": c / max(n, 1), "mse": m / max(n, 1)} for name, (c, m) in sums.items()}
 
 
 def probe_scores(model: Student | Teacher, site: SiteData, ecfg: EvalConfig, seed: int, device: torch.device) -> dict[str, float]:
