@@ -23,6 +23,7 @@ fitted on the corpus' pooled training splits).
     python bench/coreset.py --cases random:clean --seeds 3
     python bench/coreset.py --cases fitted:clean --centres 3 --images-per-centre 300 --steps 60 --out ...
     python bench/coreset.py --cases fitted:corpus --steps 200 --out bench/results/coreset-corpus-cpu.json
+    python bench/coreset.py --preset demo --cases fitted:clean    # the demo's own settings
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ from fedus.coreset.scores import histogram  # noqa: E402
 from fedus.data.manifest import read_manifest  # noqa: E402
 from fedus.data.sites import list_sites  # noqa: E402
 from fedus.data.synthetic import write_synthetic_corpus  # noqa: E402
-from fedus.scenarios import corpus_root  # noqa: E402
+from fedus.scenarios import corpus_root, load_scenario  # noqa: E402
 from fedus.site import Site, derived_seed, initial_student, pick_device  # noqa: E402
 from fedus.teacher_fit import fit_teacher  # noqa: E402
 
 SETTINGS = dict(image_size=32, centres=2, images_per_centre=100, student="resnet10t", head_hidden=128,
-                batch_size=16, steps=30, lr=1e-3, fit_steps=300, fit_lr=1e-3)
-TEACHERS = {"random": ("vit_tiny_patch16_224", "2"), "fitted": ("resnet18", "2,")}
+                batch_size=16, steps=30, lr=1e-3, fit_steps=300, fit_lr=1e-3, fitted_blocks="2,")
+TEACHERS = {"random": ("vit_tiny_patch16_224", "2"), "fitted": ("resnet18", None)}  # fitted: p["fitted_blocks"]
 CASES = ["random:clean", "fitted:clean", "random:planted", "fitted:planted"]  # also: fitted:cine, fitted:corpus
 CORPUS_SITE_COLUMN = "dataset"
 
@@ -59,6 +60,7 @@ CORPUS_SITE_COLUMN = "dataset"
 def config(p: dict, manifest: Path, teacher: str, seed: int, budget: float, weights: str = "",
            corpus: bool = False) -> RunConfig:
     arch, blocks = TEACHERS[teacher]
+    blocks = p["fitted_blocks"] if teacher == "fitted" else blocks
     data = (['data.source="manifest"', f'data.site-column="{CORPUS_SITE_COLUMN}"',
              f"data.max-images-per-site={p['max_images_per_site']}"] if corpus
             else [f"data.synthetic-centres={p['centres']}"])
@@ -114,19 +116,37 @@ def summary(rows: list[dict]) -> dict:
         "coreset_beats_random_seeds": f"{sum(d > 0 for d in diff)}/{len(diff)}"}
 
 
+def demo_settings() -> dict:
+    """The demo's own data, models and schedule (simulations/synthetic-devices.toml), so that "on the
+    synthetic demo" means that: its centres, image size, teacher block, head, batch, and as many local
+    steps as a demo site takes over all its rounds (here in one site step, without aggregation)."""
+    scenario = load_scenario("synthetic-devices")
+    c = scenario.config
+    if c.teacher.arch != TEACHERS["fitted"][0]:
+        raise SystemExit(f"the demo's teacher is {c.teacher.arch}; this benchmark fits {TEACHERS['fitted'][0]}")
+    return dict(image_size=c.data.image_size, centres=c.data.synthetic_centres,
+                images_per_centre=c.data.synthetic_images_per_centre, student=c.student.arch,
+                head_hidden=c.student.head_hidden, batch_size=c.train.batch_size, steps=c.train.local_steps * c.rounds,
+                lr=c.train.lr, fit_steps=scenario.fit_teacher_steps, fit_lr=scenario.fit_teacher_lr,
+                fitted_blocks=c.teacher.blocks)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=CASES, help="teacher:data, teacher in random/fitted, data in clean/planted")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=0.2)
-    ap.add_argument("--centres", type=int, default=SETTINGS["centres"])
-    ap.add_argument("--images-per-centre", type=int, default=SETTINGS["images_per_centre"])
-    ap.add_argument("--steps", type=int, default=SETTINGS["steps"], help="local steps of each training run")
+    ap.add_argument("--preset", choices=("small", "demo"), default="small",
+                    help="small: 2 x 100 images, 32 px (minutes); demo: the demo's settings (synthetic-devices.toml)")
+    ap.add_argument("--centres", type=int, default=None)
+    ap.add_argument("--images-per-centre", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="local steps of each training run")
     ap.add_argument("--max-images-per-site", type=int, default=0, help="corpus: whole leakage groups up to N (0: all)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    p = dict(SETTINGS) | {"centres": args.centres, "images_per_centre": args.images_per_centre, "steps": args.steps,
-                          "max_images_per_site": args.max_images_per_site}
+    p = (demo_settings() if args.preset == "demo" else dict(SETTINGS)) | {
+        k: v for k, v in (("centres", args.centres), ("images_per_centre", args.images_per_centre),
+                          ("steps", args.steps)) if v is not None} | {"max_images_per_site": args.max_images_per_site}
     device, t0 = pick_device(), time.perf_counter()
     results, teacher_source = {}, {"random": "random init (seeded); agreement with this teacher, not a foundation model"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,12 +175,13 @@ def main() -> None:
     cfg = config(p, Path("synthetic"), "random", 0, args.budget)
     result = {
         "benchmark": "coreset", "machine": machine(), "device": str(device),
-        "settings": p | {"budget": args.budget, "seeds": list(range(args.seeds)),
+        "settings": p | {"preset": args.preset, "budget": args.budget, "seeds": list(range(args.seeds)),
                          "coreset": cfg.coreset.model_dump(by_alias=True),
                          "training": "one site step per site from the seeded round-0 student (no aggregation); "
                                      "coreset, random and full runs share the student, steps and training seed",
                          "augment_policy": cfg.data.augment_policy, "mixup": cfg.train.mixup},
-        "teacher": {name: {"arch": TEACHERS[name.split()[0]][0], "blocks": TEACHERS[name.split()[0]][1],
+        "teacher": {name: {"arch": TEACHERS[name.split()[0]][0],
+                           "blocks": p["fitted_blocks"] if name.startswith("fitted") else TEACHERS[name][1],
                            "weights": source} for name, source in teacher_source.items()},
         "data": (f"fedus synthetic B-mode generator, {p['centres']} centres x {p['images_per_centre']} images, "
                  f"{p['image_size']} px, corpus seed 0; per-site grouped train/test split (test fraction "
