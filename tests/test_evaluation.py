@@ -109,7 +109,7 @@ def test_bad_fraction_config_is_one_line_error():
     assert "\n" not in str(err.value)
 
 
-def test_evaluate_run_references_matrix_unseen_centre_and_every_report_section(cfg, tmp_path):
+def test_evaluate_run_references_matrix_unseen_centre_and_every_report_section(cfg, tmp_path, monkeypatch):
     """`fedus evaluate` on a run dir whose second centre was held out (leave-one-centre-out): the protocol
     for teacher / federated / local / central / random init, the cross-site matrix with the unseen centre
     as a column, and every report section (pictures included) rendered from it."""
@@ -133,7 +133,16 @@ def test_evaluate_run_references_matrix_unseen_centre_and_every_report_section(c
     (tmp_path / "summary.json").write_text(json.dumps({
         "status": "completed", "config": cfg.to_dict(), "sites": {names[0]: {}},
         "rounds": [{"round": r, "checkpoint": f"global-round-00{r}.safetensors"} for r in (0, 2)]}))
+    import fedus.evaluation.cross_site as cross_site
+    import fedus.evaluation.run_eval as run_eval
+
+    second_passes = []  # feature passes after the protocol's own: only for students the protocol never saw
+    for module in (cross_site, run_eval):
+        monkeypatch.setattr(module, "extract", lambda *a, _f=module.extract, _m=module.__name__, **k:
+                            second_passes.append(_m) or _f(*a, **k))
     evaluation = json.loads(evaluate_run(tmp_path).read_text())
+    # the unseen centre's matrix column needs the local student of names[0] (train + test); nothing else
+    assert second_passes == ["fedus.evaluation.cross_site"] * 2, second_passes
     assert list(evaluation["sites"]) == names and evaluation["held_out"] == [names[1]] and evaluation["round"] == 2
     own, unseen = ({r["model"] for r in evaluation["sites"][n]["rows"]} for n in names)
     assert own == {"teacher", "student", "local", "central", "random_init"}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedus.evaluation.knn import knn_accuracy
-from fedus.evaluation.protocol import extract, linear_head, stage_fn
+from fedus.evaluation.protocol import Features, extract, linear_head, stage_fn
 from fedus.evaluation.site_eval import teacher_agreements
 
 __all__ = ["MATRIX_METRICS", "site_cells", "matrix_rows"]
@@ -25,16 +25,20 @@ MATRIX_METRICS = ("cos", "knn_acc", "cls_balanced_acc")
 
 
 def site_cells(site, models: dict[str, dict[str, torch.Tensor]], knn_k: int, batch_size: int, seed: int,
-               precision: str = "auto") -> list[dict]:
-    """[{model, site, metric, value}] for each named student state on one `fedus.site.Site`."""
+               precision: str = "auto", known: dict[str, dict[str, Features]] | None = None) -> list[dict]:
+    """[{model, site, metric, value}] for each named student state on one `fedus.site.Site`.
+    `known`: pooled {"train", "test"} features the protocol already extracted, by model name."""
     cells = []
     students = {name: site.student(state) for name, state in models.items()}
     agreement = teacher_agreements(students, site.teacher, site.data, batch_size, site.device, precision)
     for name, student in students.items():
         scores = {"cos": agreement[name]["cos"]}
-        fn = stage_fn(student, 1)
-        train = extract(fn, site.data.train, batch_size, site.device)
-        test = extract(fn, site.data.test, batch_size, site.device)
+        if name in (known or {}):
+            train, test = known[name]["train"], known[name]["test"]
+        else:
+            fn = stage_fn(student, 1)
+            train = extract(fn, site.data.train, batch_size, site.device)
+            test = extract(fn, site.data.test, batch_size, site.device)
         tr, te = np.flatnonzero(train.labels >= 0), np.flatnonzero(test.labels >= 0)
         if len(tr) and len(te):
             knn = knn_accuracy(train.pooled[tr], train.labels[tr], test.pooled[te], test.labels[te], knn_k)

@@ -56,6 +56,10 @@ class Features:
     stages: list[torch.Tensor]  # float16 maps of the masked images only
     masks: torch.Tensor  # [M,1,H,W] bool
 
+    def pooled_only(self) -> "Features":
+        """Without the stage maps and masks (the large part), for later consumers of the pooled features."""
+        return Features(self.pooled, self.labels, self.mask_idx, [], self.masks[:0])
+
 
 @torch.no_grad()
 def extract(fn: StageFn, dataset, batch_size: int, device: torch.device) -> Features:
@@ -118,16 +122,21 @@ def _timed(timings: dict[str, float] | None, part: str):
 
 
 def run_protocol(fn: StageFn, data: SiteData, groups: np.ndarray, ecfg: EvalConfig, seed: int,
-                 device: torch.device, timings: dict[str, float] | None = None, model=None) -> list[dict]:
+                 device: torch.device, timings: dict[str, float] | None = None, model=None,
+                 pooled_out: dict[str, Features] | None = None) -> list[dict]:
     """Rows {task, metric, fraction, seed, value} for one encoder on one site.
 
     `model` (the encoder `fn` reads) with eval.finetune: also "cls-ft" / "seg-ft" rows from full
     fine-tuning (fedus.evaluation.finetune) on the same label-fraction subsets and seeds.
     `timings`: seconds per part are added to it ("extract", "knn", "cls:<fraction>", "seg:<fraction>",
-    "cls-ft:<fraction>", ...), so bench/eval_cost.py times this very code rather than a copy of it."""
+    "cls-ft:<fraction>", ...), so bench/eval_cost.py times this very code rather than a copy of it.
+    `pooled_out`: gets {"train", "test"} pooled features (`Features.pooled_only`), so the cross-site
+    matrix and the embedding picture need no second pass of the same encoder."""
     with _timed(timings, "extract"):
         train = extract(fn, data.train, ecfg.batch_size, device)
         test = extract(fn, data.test, ecfg.batch_size, device)  # ends in .cpu(): synchronised
+    if pooled_out is not None:
+        pooled_out.update(train=train.pooled_only(), test=test.pooled_only())
     rows: list[dict] = []
     add = lambda task, scores, frac, rep: rows.extend(  # noqa: E731
         {"task": task, "metric": k, "fraction": frac, "seed": rep, "value": v} for k, v in scores.items())
@@ -185,9 +194,11 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def evaluate_models(cfg: RunConfig, site, state: dict[str, torch.Tensor] | None,
-                    models: tuple[str, ...] = MODELS, references: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:
+                    models: tuple[str, ...] = MODELS, references: dict[str, dict[str, torch.Tensor]] | None = None,
+                    features: dict[str, dict[str, Features]] | None = None) -> dict:
     """The protocol for the chosen models on a `fedus.site.Site`: teacher, student (from `state`), random init,
-    and the reference students in `references` ({"local": state, "central": state}, fedus.evaluation.baselines)."""
+    and the reference students in `references` ({"local": state, "central": state}, fedus.evaluation.baselines).
+    `features`: filled per model name with its pooled train/test features (see `run_protocol`)."""
     from fedus.site import derived_seed
 
     groups = site_groups(site.data, site.manifest or resolve_manifest(cfg.data, cfg.seed))
@@ -199,7 +210,9 @@ def evaluate_models(cfg: RunConfig, site, state: dict[str, torch.Tensor] | None,
             continue
         model = site.teacher if name == "teacher" else site.student(students[name])
         fn = stage_fn(model.to(site.device), cfg.eval.decoder_stages)
-        rows += [{"model": name, **r} for r in run_protocol(fn, site.data, groups, cfg.eval, seed, site.device, model=model)]
+        sink = features.setdefault(name, {}) if features is not None else None
+        rows += [{"model": name, **r} for r in run_protocol(fn, site.data, groups, cfg.eval, seed, site.device,
+                                                            model=model, pooled_out=sink)]
     return {"site": site.name, "rows": rows, "summary": summarise(rows)}
 
 

@@ -117,18 +117,25 @@ def evaluate_run(run_dir: str | Path, sites: list[str] | None = None, models: tu
     for name in names:
         site = every[name]
         refs = {k: v for k, v in (("local", local.get(name)), ("central", central)) if v is not None}
-        result["sites"][name] = evaluate_models(cfg, site, state, models, refs)
+        feats: dict[str, dict] = {}  # pooled features the protocol extracted, reused below
+        result["sites"][name] = evaluate_models(cfg, site, state, models, refs, features=feats)
         if local:
             produced = {"federated": state, **{f"local:{n}": s for n, s in local.items()},
                         **({"central": central} if central is not None else {})}
+            known = {cell: feats[model] for cell, model in (("federated", "student"), (f"local:{name}", "local"),
+                                                             ("central", "central")) if model in feats}
             cells += site_cells(site, produced, cfg.eval.knn_k, cfg.eval.batch_size,
-                                derived_seed(cfg.seed, "matrix", name), cfg.train.precision)
+                                derived_seed(cfg.seed, "matrix", name), cfg.train.precision, known)
         n = min(cfg.eval.embedding_per_site, len(site.data.test))
         if n:
             subset = torch.utils.data.Subset(site.data.test, range(n))
-            for model_name, model in (("teacher", site.teacher), ("student", site.student(state))):
-                fn = stage_fn(model.to(site.device), 1)
-                emb[model_name].append((name, extract(fn, subset, cfg.eval.batch_size, site.device).pooled))
+            for model_name in ("teacher", "student"):
+                if model_name in feats:
+                    pooled = feats[model_name]["test"].pooled[:n]
+                else:
+                    model = site.teacher if model_name == "teacher" else site.student(state)
+                    pooled = extract(stage_fn(model.to(site.device), 1), subset, cfg.eval.batch_size, site.device).pooled
+                emb[model_name].append((name, pooled))
     result["embedding"] = embedding_coords(emb, cfg.seed)
     if cells:
         result["cross_site"] = cells
