@@ -9,7 +9,7 @@ from opacus.accountants import RDPAccountant
 from opacus.validators import ModuleValidator
 
 from client.app import app as client_app
-from fedus.config import StudentConfig
+from fedus.config import ConfigError, StudentConfig
 from fedus.models import create_student
 from fedus.privacy import DPPlan, PrivacyLedger, PrivateTraining, epsilon
 from fedus.reports.report import write_report
@@ -287,3 +287,28 @@ def test_dp_student_moves_towards_the_teacher_at_epsilon_below_8(tiny_cfg, tmp_p
     after = site.evaluate(state, 1)
     assert m["refused"] == 0 and 0 < m["epsilon_total"] <= 8
     assert after["cos"] > before["cos"] + 0.05
+
+
+def test_a_layer_used_twice_under_ghost_clipping_is_a_config_error_that_names_per_sample():
+    """Ghost clipping keeps one input and output gradient per layer; a tied layer would be clipped wrong,
+    so it stops with a one-line setting to change, and per-sample clipping takes such a model."""
+    from opacus import GradSampleModule
+
+    from fedus.privacy.bookkeeping import BookkeepingModule
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(torch.relu(self.lin(x)))
+
+    x = torch.randn(3, 4)
+    ghost = BookkeepingModule(Tied(), 1.0)
+    with pytest.raises(ConfigError, match='privacy.clipping = "per-sample"') as err:
+        ghost.backward(ghost(x).pow(2).sum(1))
+    assert "\n" not in str(err.value)
+    per_sample = GradSampleModule(Tied(), loss_reduction="mean", strict=True)
+    per_sample(x).pow(2).sum(1).mean().backward()
+    assert per_sample.lin.weight.grad_sample.shape == (3, 4, 4)

@@ -27,6 +27,7 @@ from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare
 from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 
+from fedus.config import ConfigError
 from fedus.privacy.ghost_norms import conv2d_norm_sample, conv2d_weight_grad, linear_norm_sample
 
 
@@ -73,7 +74,11 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
         if not (self.hooks_enabled and layer.training and torch.is_grad_enabled()):
             return None
         if not isinstance(output, torch.Tensor):
-            raise NotImplementedError(f"{type(layer).__name__}: a hooked layer with a non-tensor output")
+            raise ConfigError(f"privacy.clipping = \"ghost\" cannot follow {type(layer).__name__} (its output is not "
+                              "one tensor); use privacy.clipping = \"per-sample\"")
+        if any(p._forward_counter for _, p in trainable_parameters(layer)):  # a second use in this forward
+            raise ConfigError(f"privacy.clipping = \"ghost\" needs each layer used once per forward, but a "
+                              f"{type(layer).__name__} is used twice (weight tying); use privacy.clipping = \"per-sample\"")
         self.capture_activations_hook(layer, inputs, output)
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
             output = output + self.anchor.to(dtype=output.dtype)
@@ -99,8 +104,6 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
             return
         activations, backprops = module.activations.pop(), forward_output[0].detach()
         params = self.layer_params[module]
-        if any(p._forward_counter != 1 for p in params):
-            raise NotImplementedError(f"{type(module).__name__}: a layer used twice in one forward (weight tying)")
         if _kept_whole(module):
             x = activations[0].to(backprops.dtype)
             formed: dict[nn.Parameter, torch.Tensor] = {}
