@@ -52,15 +52,20 @@ from fedus.teacher_fit import fit_teacher  # noqa: E402
 
 SETTINGS = dict(image_size=32, centres=2, images_per_centre=100, student="resnet10t", head_hidden=128,
                 batch_size=16, steps=30, lr=1e-3, fit_steps=300, fit_lr=1e-3, fitted_blocks="2,")
-TEACHERS = {"random": ("vit_tiny_patch16_224", "2"), "fitted": ("resnet18", None)}  # fitted: p["fitted_blocks"]
+TEACHERS = {"random": ("vit_tiny_patch16_224", "2"), "fitted": ("resnet18", None)}  # fitted: see teacher_spec
 CASES = ["random:clean", "fitted:clean", "random:planted", "fitted:planted"]  # also: fitted:cine, fitted:corpus
 CORPUS_SITE_COLUMN = "dataset"
 
 
+def teacher_spec(p: dict, teacher: str) -> tuple[str, str]:
+    """(arch, blocks); the fitted teacher's blocks are the setting's (the demo taps layer3)."""
+    arch, blocks = TEACHERS[teacher]
+    return arch, p["fitted_blocks"] if teacher == "fitted" else blocks
+
+
 def config(p: dict, manifest: Path, teacher: str, seed: int, budget: float, weights: str = "",
            corpus: bool = False) -> RunConfig:
-    arch, blocks = TEACHERS[teacher]
-    blocks = p["fitted_blocks"] if teacher == "fitted" else blocks
+    arch, blocks = teacher_spec(p, teacher)
     data = (['data.source="manifest"', f'data.site-column="{CORPUS_SITE_COLUMN}"',
              f"data.max-images-per-site={p['max_images_per_site']}"] if corpus
             else [f"data.synthetic-centres={p['centres']}"])
@@ -180,9 +185,8 @@ def main() -> None:
                          "training": "one site step per site from the seeded round-0 student (no aggregation); "
                                      "coreset, random and full runs share the student, steps and training seed",
                          "augment_policy": cfg.data.augment_policy, "mixup": cfg.train.mixup},
-        "teacher": {name: {"arch": TEACHERS[name.split()[0]][0],
-                           "blocks": p["fitted_blocks"] if name.startswith("fitted") else TEACHERS[name][1],
-                           "weights": source} for name, source in teacher_source.items()},
+        "teacher": {name: dict(zip(("arch", "blocks"), teacher_spec(p, name.split()[0]))) | {"weights": source}
+                    for name, source in teacher_source.items()},
         "data": (f"fedus synthetic B-mode generator, {p['centres']} centres x {p['images_per_centre']} images, "
                  f"{p['image_size']} px, corpus seed 0; per-site grouped train/test split (test fraction "
                  f"{cfg.data.test_fraction}); held-out cosine on each site's test split; 'planted' adds 9 copies "

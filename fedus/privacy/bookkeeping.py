@@ -76,7 +76,7 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
         if not isinstance(output, torch.Tensor):
             raise ConfigError(f"privacy.clipping = \"ghost\" cannot follow {type(layer).__name__} (its output is not "
                               "one tensor); use privacy.clipping = \"per-sample\"")
-        if any(p._forward_counter for _, p in trainable_parameters(layer)):  # a second use in this forward
+        if any(p._forward_counter for p in self.layer_params[layer]):  # a second use in this forward
             raise ConfigError(f"privacy.clipping = \"ghost\" needs each layer used once per forward, but a "
                               f"{type(layer).__name__} is used twice (weight tying); use privacy.clipping = \"per-sample\"")
         self.capture_activations_hook(layer, inputs, output)
