@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -105,13 +106,15 @@ def _print_summary(run_dir: Path) -> None:
     import pandas as pd
 
     df = pd.read_csv(run_dir / "report" / "sites.csv")
-    shown = {"site": "site", "cos_round0": "cos r0", "cos_final": "cos final", "teacher_cls_f1": "F1 teacher",
-             "random_init_cls_f1": "F1 random", "student_cls_f1": "F1 student",
-             "random_init_seg_dice": "Dice random", "student_seg_dice": "Dice student"}
-    table = Table(title=f"per-site results ({run_dir.name}): cosine to teacher, linear-probe F1, seg-probe Dice")
+    # two-line headers, no column rules: eight columns fit an 80-column terminal without "teac…"
+    shown = {"site": "site", "cos_round0": "cos\nr0", "cos_final": "cos\nfinal", "teacher_cls_f1": "F1\nteacher",
+             "random_init_cls_f1": "F1\nrandom", "student_cls_f1": "F1\nstudent",
+             "random_init_seg_dice": "Dice\nrandom", "student_seg_dice": "Dice\nstudent"}
+    table = Table(title=f"per-site results ({run_dir.name}): cosine to teacher, linear-probe F1, seg-probe Dice",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     cols = [c for c in shown if c in df.columns]
     for c in cols:
-        table.add_column(shown[c], no_wrap=c == "site")
+        table.add_column(shown[c], no_wrap=c == "site", min_width=max(map(len, shown[c].split())))
     for _, row in df.iterrows():
         table.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols])
     console.print(table)

@@ -70,6 +70,28 @@ class TeacherConfig(_Section):
         return self
 
 
+def parse_blocks(spec: str) -> int | list[int]:
+    """'2' -> last two blocks; '4,8,11' -> those (0-based) block indices."""
+    try:
+        parts = [int(p) for p in str(spec).split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"teacher.blocks must be 'N' or 'i,j,k', got '{spec}'") from None
+    if not parts or min(parts) < 0 or (len(parts) == 1 and parts[0] == 0):
+        raise ConfigError(f"teacher.blocks must be 'N' or 'i,j,k', got '{spec}'")
+    return parts[0] if len(parts) == 1 and "," not in str(spec) else parts
+
+
+def describe_blocks(spec: str) -> str:
+    """A teacher.blocks setting as a reader takes it: '3,' is block 3, not the last three."""
+    try:
+        parsed = parse_blocks(spec)
+    except ConfigError:
+        return str(spec)
+    if isinstance(parsed, int):
+        return f"last {parsed} block{'s' if parsed > 1 else ''}"
+    return f"block{'s' if len(parsed) > 1 else ''} {', '.join(map(str, parsed))}"
+
+
 class StudentConfig(_Section):
     arch: str = "resnet18"
     head_hidden: int = Field(4096, ge=1)

@@ -68,7 +68,8 @@ def test_student_tokens_align_to_teacher_grid(arch):
 
 def test_teacher_is_pruned_after_its_last_block_and_gives_the_same_tokens():
     """The frozen teacher keeps only what its chosen blocks need; the tokens are the full model's."""
-    from fedus.models.backbones import create_backbone, parse_blocks
+    from fedus.config import parse_blocks
+    from fedus.models.backbones import create_backbone
     from fedus.models.teacher import Teacher
 
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ def _summary(status="completed"):
         "scenario": "synthetic-devices", "config": {"seed": 0, "rounds": 2},
         "provenance": {
             "teacher": {"arch": "vit_tiny_patch16_224", "weights": "/abs/teacher.safetensors", "source": SOURCE,
-                        "blocks": [10, 11]},
+                        "blocks": "10,11"},
             "student": {"arch": "resnet18", "init": "random init, seed 0", "params": 11200000},
             "data": {"source": "synthetic (fedus built-in generator, seed 0)", "manifest": "/abs/manifest.csv",
                      "site_column": "center"},
@@ -112,6 +112,7 @@ def test_provenance_verbatim_and_escaped(report):
     for text in (md, page):
         assert SOURCE in text
         assert "vit_tiny_patch16_224" in text and "random init, seed 0" in text and "synthetic-devices" in text
+        assert "blocks 10, 11" in text  # the setting "10,11" as a reader takes it (block indices)
         assert text.index(SOURCE) < text.index("Per-site results")  # provenance comes first
         assert "INCOMPLETE" not in text
     assert EVIL not in page and html.escape(EVIL) in page
@@ -365,3 +366,25 @@ def test_epsilon_section_when_dp_is_on_but_nothing_spent_yet(tmp_path):
                                                        "privacy": {"s": {"refused_rounds": {"1": "no budget"}}}}))
     section = _section_text(write_report(tmp_path)["report_html"].read_text(), "Epsilon per round")
     assert "no epsilon has been recorded yet" in section and "used no differential privacy" not in section
+
+
+def test_console_summary_fits_80_columns(tmp_path, monkeypatch):
+    """The demo's closing table: every header readable (no "teac…") in an 80-column terminal."""
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    import fedus.cli as cli
+
+    (tmp_path / "report").mkdir()
+    cols = ["site", "cos_round0", "cos_final", "teacher_cls_f1", "random_init_cls_f1", "student_cls_f1",
+            "random_init_seg_dice", "student_seg_dice"]
+    rows = [[f"synthetic-centre-{i}", 0.4123, 0.8123, 0.9, 0.5, 0.8, 0.3, 0.6] for i in range(3)]
+    pd.DataFrame(rows, columns=cols).to_csv(tmp_path / "report" / "sites.csv", index=False)
+    monkeypatch.setattr(cli, "console", Console(width=80, file=io.StringIO(), record=True))
+    cli._print_summary(tmp_path)
+    text = cli.console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    for word in ("teacher", "student", "random", "final", "synthetic-centre-2", "0.812"):
+        assert word in text

@@ -61,12 +61,3 @@ def feature_maps(model: nn.Module, x: torch.Tensor, indices: int | list[int]) ->
     return model.forward_intermediates(x, indices=indices, intermediates_only=True, output_fmt="NCHW", stop_early=True)
 
 
-def parse_blocks(spec: str) -> int | list[int]:
-    """'2' -> last two blocks; '4,8,11' -> those (0-based) block indices."""
-    try:
-        parts = [int(p) for p in str(spec).split(",") if p.strip()]
-    except ValueError:
-        raise ConfigError(f"teacher.blocks must be 'N' or 'i,j,k', got '{spec}'") from None
-    if not parts or min(parts) < 0 or (len(parts) == 1 and parts[0] == 0):
-        raise ConfigError(f"teacher.blocks must be 'N' or 'i,j,k', got '{spec}'")
-    return parts[0] if len(parts) == 1 and "," not in str(spec) else parts

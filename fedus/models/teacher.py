@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedus.config import ConfigError, TeacherConfig
-from fedus.models.backbones import Normalize, create_backbone, feature_maps, parse_blocks
+from fedus.config import ConfigError, TeacherConfig, parse_blocks
+from fedus.models.backbones import Normalize, create_backbone, feature_maps
 
 
 class Teacher(nn.Module):

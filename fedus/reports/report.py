@@ -18,6 +18,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from fedus.config import describe_blocks
 from fedus.reports.sections import (CARD_HEAD, NOT_AVAILABLE, PROTOCOL_HEAD, UNSEEN_HEAD, card_rows, cross_site_png,
                                     cross_site_tables, embedding_png, evaluation_from_summary, label_efficiency_png,
                                     protocol_csv_rows, protocol_rows, read_evaluation)
@@ -204,7 +205,7 @@ def _provenance_items(summary: dict) -> list[tuple[str, str]]:
     seed = prov.get("seed", (summary.get("config") or {}).get("seed"))
     g = lambda obj, k: "(not recorded)" if obj.get(k) in (None, "") else str(obj.get(k))  # noqa: E731
     return [
-        ("Teacher", f"{g(t, 'arch')}, blocks {g(t, 'blocks')}"),
+        ("Teacher", f"{g(t, 'arch')}, {describe_blocks(t['blocks']) if t.get('blocks') else 'blocks (not recorded)'}"),
         ("Teacher weights", g(t, "weights")),
         ("Teacher source", g(t, "source")),
         ("Student", f"{g(s, 'arch')} ({g(s, 'params')} params)"),
