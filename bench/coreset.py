@@ -24,6 +24,7 @@ fitted on the corpus' pooled training splits).
     python bench/coreset.py --cases fitted:clean --centres 3 --images-per-centre 300 --steps 60 --out ...
     python bench/coreset.py --cases fitted:corpus --steps 200 --out bench/results/coreset-corpus-cpu.json
     python bench/coreset.py --preset demo --cases fitted:clean    # the demo's own settings
+    python bench/coreset.py --preset demo --cases fitted:clean --seeds 20 --without-full   # paired difference, more seeds
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def held_out_cos(sites: list[Site], states: list[dict]) -> float:
     return sum(s["cos"] * s["num-examples"] for s in scores) / sum(s["num-examples"] for s in scores)
 
 
-def run_seed(cfg: RunConfig, data: str) -> dict:
+def run_seed(cfg: RunConfig, data: str, full: bool = True) -> dict:
     n_sites = (len(list_sites(read_manifest(Path(cfg.data.manifest)), cfg.data.site_column)) if data == "corpus"
                else cfg.data.synthetic_centres)
     sites = [Site(cfg, i) for i in range(n_sites)]
@@ -97,7 +98,8 @@ def run_seed(cfg: RunConfig, data: str) -> dict:
     subsets = {"coreset": [s.select(k, cfg.coreset.quota) for s, k in zip(scored, plan.keep)]}
     rng = np.random.default_rng(derived_seed(cfg.seed, "random-subset"))
     subsets["random"] = [np.sort(rng.choice(len(site.data.train), k, replace=False)) for site, k in zip(sites, plan.keep)]
-    subsets["full"] = [None] * len(sites)
+    if full:
+        subsets["full"] = [None] * len(sites)
     row = {"seed": cfg.seed, "n_train": [len(s.data.train) for s in sites], "kept": plan.keep,
            "threshold": round(plan.threshold, 4), "scoring_s": round(sum(s.seconds for s in scored), 2)}
     if with_planted:
@@ -115,7 +117,8 @@ def summary(rows: list[dict]) -> dict:
                 "std": round(statistics.stdev(values), 5) if len(values) > 1 else 0.0}
 
     diff = [r["cos_coreset"] - r["cos_random"] for r in rows]
-    return {name: stats([r[f"cos_{name}"] for r in rows]) for name in ("coreset", "random", "full")} | {
+    return {name: stats([r[f"cos_{name}"] for r in rows]) for name in ("coreset", "random", "full")
+            if f"cos_{name}" in rows[0]} | {
         "coreset_minus_random": stats(diff) | {"stderr": round(statistics.stdev(diff) / len(diff) ** 0.5, 5)
                                                 if len(diff) > 1 else 0.0},
         "coreset_beats_random_seeds": f"{sum(d > 0 for d in diff)}/{len(diff)}"}
@@ -147,6 +150,8 @@ def main() -> None:
     ap.add_argument("--images-per-centre", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="local steps of each training run")
     ap.add_argument("--max-images-per-site", type=int, default=0, help="corpus: whole leakage groups up to N (0: all)")
+    ap.add_argument("--without-full", action="store_true",
+                    help="train coreset and random subsets only (more seeds for the paired difference in the same time)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     p = (demo_settings() if args.preset == "demo" else dict(SETTINGS)) | {
@@ -174,13 +179,15 @@ def main() -> None:
             weights = fitted[source][0] if teacher == "fitted" else ""
             rows = []
             for seed in range(args.seeds):
-                rows.append(run_seed(config(p, manifest, teacher, seed, args.budget, weights, corpus), data))
+                rows.append(run_seed(config(p, manifest, teacher, seed, args.budget, weights, corpus), data,
+                                     full=not args.without_full))
                 print(case, rows[-1], flush=True)
             results[case] = {"figures": summary(rows), "rows": rows}
     cfg = config(p, Path("synthetic"), "random", 0, args.budget)
     result = {
         "benchmark": "coreset", "machine": machine(), "device": str(device),
         "settings": p | {"preset": args.preset, "budget": args.budget, "seeds": list(range(args.seeds)),
+                         "subsets": ["coreset", "random"] + ([] if args.without_full else ["full"]),
                          "coreset": cfg.coreset.model_dump(by_alias=True),
                          "training": "one site step per site from the seeded round-0 student (no aggregation); "
                                      "coreset, random and full runs share the student, steps and training seed",
