@@ -40,14 +40,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import machine, write_result  # noqa: E402
-from fedus.config import RunConfig  # noqa: E402
+from fedus.config import ConfigError, RunConfig  # noqa: E402
 from fedus.coreset import plan_budget  # noqa: E402
 from fedus.coreset.planted import add_cine_frames, plant  # noqa: E402
 from fedus.coreset.scores import histogram  # noqa: E402
 from fedus.data.manifest import read_manifest  # noqa: E402
 from fedus.data.sites import list_sites  # noqa: E402
 from fedus.data.synthetic import write_synthetic_corpus  # noqa: E402
-from fedus.scenarios import corpus_root, load_scenario  # noqa: E402
+from fedus.scenarios import corpus_manifest, load_scenario  # noqa: E402
 from fedus.site import Site, derived_seed, initial_student, pick_device  # noqa: E402
 from fedus.teacher_fit import fit_teacher  # noqa: E402
 
@@ -208,12 +208,8 @@ def main() -> None:
     write_result(result, "coreset", "cpu" if device.type == "cpu" else "gpu", args.out)
 
 
-def corpus_manifest() -> Path:
-    manifest = corpus_root() / "all_manifest.csv"
-    if not manifest.is_file():
-        raise SystemExit(f"corpus manifest not found: {manifest} (set FEDUS_CORPUS to the corpus folder)")
-    return manifest
-
-
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # e.g. no corpus at $FEDUS_CORPUS: one line, no traceback
+        raise SystemExit(f"error: {err}")

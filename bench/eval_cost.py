@@ -34,10 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import machine, write_result  # noqa: E402
-from fedus.config import EvalConfig, RunConfig  # noqa: E402
+from fedus.config import ConfigError, EvalConfig, RunConfig  # noqa: E402
 from fedus.evaluation.fractions import parse_fractions  # noqa: E402
 from fedus.evaluation.protocol import run_protocol, site_groups, stage_fn  # noqa: E402
-from fedus.scenarios import corpus_root  # noqa: E402
+from fedus.scenarios import corpus_manifest  # noqa: E402
 from fedus.site import Site, derived_seed  # noqa: E402
 
 PRESETS = {
@@ -81,9 +81,10 @@ def main() -> None:
     p = dict(PRESETS[args.preset])
     p["site"] = args.site or p["site"]
     p["max_images"] = p["max_images"] if args.max_images is None else args.max_images
-    manifest = corpus_root() / "all_manifest.csv"
-    if not manifest.is_file():
-        sys.exit(f"no public corpus at {manifest.parent} (set FEDUS_CORPUS to the folder holding all_manifest.csv)")
+    try:
+        manifest = corpus_manifest()
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     cfg = site_config(p, manifest, args.overrides)
     if args.threads:
         torch.set_num_threads(args.threads)

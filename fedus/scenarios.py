@@ -17,6 +17,16 @@ def corpus_root() -> Path:
     return Path(os.environ.get("FEDUS_CORPUS", DEFAULT_CORPUS)).expanduser().resolve()
 
 
+def corpus_manifest(manifest: str = "$FEDUS_CORPUS/all_manifest.csv") -> Path:
+    """A manifest path that may name $FEDUS_CORPUS, resolved (the variable defaulting to corpus_root())
+    and checked to exist."""
+    os.environ.setdefault("FEDUS_CORPUS", str(corpus_root()))
+    path = Path(os.path.expandvars(manifest)).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"corpus manifest not found: {path} (set FEDUS_CORPUS to the corpus folder)")
+    return path
+
+
 @dataclass
 class Scenario:
     name: str
@@ -42,10 +52,6 @@ def load_scenario(name_or_path: str, overrides: list[str] | None = None) -> Scen
     run.setdefault("scenario", path.stem)
     cfg = RunConfig.from_dict(run).with_overrides(overrides or [])
     if cfg.data.manifest:
-        os.environ.setdefault("FEDUS_CORPUS", str(corpus_root()))
-        manifest = Path(os.path.expandvars(cfg.data.manifest)).expanduser().resolve()
-        if not manifest.is_file():
-            raise ConfigError(f"corpus manifest not found: {manifest} (set FEDUS_CORPUS to the corpus folder)")
-        cfg = cfg.with_overrides({"data.manifest": str(manifest)})
+        cfg = cfg.with_overrides({"data.manifest": str(corpus_manifest(cfg.data.manifest))})
     return Scenario(path.stem, meta.get("description", ""), int(meta.get("fit-teacher-steps", 200)),
                     float(meta.get("fit-teacher-lr", 3e-4)), cfg)
