@@ -81,10 +81,7 @@ def main() -> None:
     p = dict(PRESETS[args.preset])
     p["site"] = args.site or p["site"]
     p["max_images"] = p["max_images"] if args.max_images is None else args.max_images
-    try:
-        manifest = corpus_manifest()
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+    manifest = corpus_manifest()
     cfg = site_config(p, manifest, args.overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,4 +141,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # e.g. no corpus at $FEDUS_CORPUS: one line, no traceback
+        raise SystemExit(f"error: {err}")

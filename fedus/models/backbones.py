@@ -59,5 +59,3 @@ class Normalize(nn.Module):
 def feature_maps(model: nn.Module, x: torch.Tensor, indices: int | list[int]) -> list[torch.Tensor]:
     """NCHW maps after the chosen blocks, for CNNs and ViTs alike (blocks after the last one never run)."""
     return model.forward_intermediates(x, indices=indices, intermediates_only=True, output_fmt="NCHW", stop_early=True)
-
-
