@@ -22,12 +22,13 @@ apart (round_wall - train_wall - eval_wall). Bytes: the students as sent
 (`bytes_up`/`bytes_down` in the record, payload only) and the SuperLink's own
 Fleet traffic count for the run (objects and messages, eval included).
 
-    python bench/round_overhead.py                   # ~40-50 min on 2 busy cores
+    python bench/round_overhead.py                   # ~60-70 min on 2 busy cores
     python bench/round_overhead.py --only tiny       # the fixed overhead alone
     python bench/round_overhead.py --only tiny --student vit_tiny_patch16_224 --out ...
     python bench/round_overhead.py --only tiny --student vit_tiny_patch16_224 --dtype fp16 \
         --evaluate-with-train on off --rounds 3     # evaluation carried by train messages vs apart
     python bench/round_overhead.py --only epochs4 --dtype fp16 --task-processes warm fresh
+    python bench/round_overhead.py --only recipe224  # the reference recipe's per-image work, one local epoch
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ from fedus.deployment.server import ServerSettings, register_site, submit_run, s
 from fedus.processes import flower_home_pids, free_port, kill_flower_home  # noqa: E402
 
 SITES = ["hospital-a", "hospital-b"]
-IMAGES_PER_SITE = 800  # synthetic, 64 px; ~80/20 grouped split
+# Synthetic images per site by rendered size (~80/20 grouped split): a work setting reads the corpus rendered at
+# its own data.image-size, and the sites restart between sizes.
+IMAGES_PER_SITE = {64: 800, 224: 400}
 COMMON = {"teacher.arch": "vit_tiny_patch16_224", "data.image-size": 64, "eval.probe-rounds": "none",
           "eval.batch-size": 64, "seed": 0, "federation.round-timeout": 1800}
 STUDENTS = {"resnet50": "ResNet-50 (timm, 25.6 M params with its ImageNet fc; fedus drops the fc, adds a distillation head)",
@@ -63,12 +66,17 @@ STUDENTS = {"resnet50": "ResNet-50 (timm, 25.6 M params with its ImageNet fc; fe
 # Realistic: the fedus default batch (32); steps so that one site's step is about a minute on one core here
 # (ResNet-50: 20 steps = 640 images, one epoch of a site's ~640 training images; ViT-tiny is ~3x faster per
 # image, so 48 steps = 1,536 images). Epochs4: four times that (FedAvg's usual 1-5 local epochs per round).
+# Recipe224: the reference recipe's per-image work (DINOv3 ViT-B/16 -> ResNet-50 at 224 px; here a random-init
+# ViT-B/16 of the same shape, cost only), one local epoch of a 400-image site (~320 training images, 10 steps).
 # Tiny: one step of 8 images on a 40-image site: the fixed cost alone.
+RECIPE224 = {"teacher.arch": "vit_base_patch16_224", "data.image-size": 224, "train.local-steps": 10,
+             "train.batch-size": 32}
 WORK = {
     "realistic": {"resnet50": {"train.local-steps": 20, "train.batch-size": 32},
                   "vit_tiny_patch16_224": {"train.local-steps": 48, "train.batch-size": 32}},
     "epochs4": {"resnet50": {"train.local-steps": 80, "train.batch-size": 32},
                 "vit_tiny_patch16_224": {"train.local-steps": 192, "train.batch-size": 32}},
+    "recipe224": {s: RECIPE224 for s in STUDENTS},
     "tiny": {s: {"train.local-steps": 1, "train.batch-size": 8, "data.max-images-per-site": 40} for s in STUDENTS},
 }
 PLAN = [  # (student, work, wire dtype, rounds): fp32 only where it costs little; its bytes do not depend on work
@@ -76,7 +84,12 @@ PLAN = [  # (student, work, wire dtype, rounds): fp32 only where it costs little
     ("resnet50", "realistic", "fp16", 2), ("vit_tiny_patch16_224", "realistic", "fp16", 2),
     ("resnet50", "epochs4", "fp16", 2), ("vit_tiny_patch16_224", "epochs4", "fp16", 2),
     ("resnet50", "tiny", "fp32", 2), ("vit_tiny_patch16_224", "tiny", "fp32", 2),
+    ("resnet50", "recipe224", "fp16", 2), ("vit_tiny_patch16_224", "recipe224", "fp16", 2),
 ]
+
+
+def image_size(student: str, work: str) -> int:
+    return (COMMON | WORK[work][student])["data.image-size"]
 
 
 def shared_note(load_before: list[float] | None) -> str:
@@ -102,11 +115,11 @@ def _sets(student: str, work: str, dtype: str, every: int = 1, with_train: bool 
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]  # TOML values: "str", 1.5, true
 
 
-def _site_manifests(root: Path) -> dict[str, Path]:
+def _site_manifests(root: Path, size: int) -> dict[str, Path]:
     from fedus.data.synthetic import write_synthetic_corpus
 
-    manifest = write_synthetic_corpus(root / "corpus", n_centres=len(SITES), images_per_centre=IMAGES_PER_SITE,
-                                      size=64, seed=0)
+    manifest = write_synthetic_corpus(root / f"corpus-{size}px", n_centres=len(SITES),
+                                      images_per_centre=IMAGES_PER_SITE[size], size=size, seed=0)
     with open(manifest) as f:
         rows = list(csv.DictReader(f))
     centres = sorted({r["center"] for r in rows})
@@ -241,7 +254,7 @@ def run_setting(student: str, work: str, dtype: str, rounds: int, env: dict, sta
            "evaluate_with_train": with_train, "task_processes": task_processes,
            "local_steps": cfg.train.local_steps, "batch_size": cfg.train.batch_size}
     try:
-        submit_run(cfg, env, run_dir, timeout=600 if work == "tiny" else 1500)
+        submit_run(cfg, env, run_dir, timeout={"tiny": 600, "recipe224": 2400}.get(work, 1500))
     except Exception as err:  # the result records a failure too, with the SuperLink's own errors
         out["error"] = str(err)
         out["superlink_errors"] = _superlink_errors(link_log, offset)
@@ -304,7 +317,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedus-round-overhead-") as tmp:
         root = Path(tmp) if args.keep is None else args.keep.resolve()
         root.mkdir(parents=True, exist_ok=args.keep is None)
-        manifests = _site_manifests(root)
+        sizes = sorted({image_size(student, work) for (student, work, _, _), _, _ in variants})
+        manifests = {size: _site_manifests(root, size) for size in sizes}
         certs, keys = root / "certs", root / "keys"
         init_certs(certs, [])
         for site in SITES:
@@ -316,17 +330,20 @@ def main() -> None:
             with superlink(settings) as env:
                 for site in SITES:
                     register_site(keys / f"{site}.pub", site, env)
-                for i, kind in enumerate(args.task_processes):
-                    if i:  # the sites restart with the other kind of task process; the SuperLink stays
+                groups = [(kind, size) for kind in args.task_processes for size in sizes]
+                for i, (kind, size) in enumerate(groups):
+                    if i:  # the sites restart with the other kind of task process or image size; the SuperLink stays
                         watch.expected_stop = True
                         for site, proc in sites.items():
                             _stop_site(proc, root / site)
                     for site in SITES:  # (a site retries until the SuperLink has let its previous connection go)
-                        sites[site] = _start_site(site, manifests[site], settings.port, root, certs, keys, kind)
+                        sites[site] = _start_site(site, manifests[size][site], settings.port, root, certs, keys, kind)
                     watch.expected_stop = False
                     if not i:
                         watch.start()
                     for (student, work, dtype, rounds), every, carry in variants:
+                        if image_size(student, work) != size:
+                            continue
                         results.append(run_setting(student, work, dtype, args.rounds or rounds, env,
                                                    settings.state.resolve(), every, carry, kind))
                         if "exceeded" in results[-1].get("error", ""):  # its ServerApp may still run: stop here
@@ -384,10 +401,12 @@ def main() -> None:
                                             "previous round's student, carried by the train message]) + (eval_wall - "
                                             "slower site's eval_seconds, in rounds evaluated apart); share = overhead / "
                                             "round_wall"},
-        "provenance": {"teacher": "vit_tiny_patch16_224, random init (no weights): cost only, not a foundation model",
+        "provenance": {"teacher": "vit_tiny_patch16_224 (vit_base_patch16_224 in 'recipe224'), random init (no "
+                                  "weights): cost only, not a foundation model",
                        "students": STUDENTS | {"init": "random init, seed 0"},
-                       "data": f"fedus synthetic generator, {len(SITES)} centres x {IMAGES_PER_SITE} images, 64 px, "
-                               "grouped 80/20 split, seed 0 (each site its own manifest)"},
+                       "data": "fedus synthetic generator, " + "; ".join(
+                           f"{len(SITES)} centres x {IMAGES_PER_SITE[size]} images at {size} px" for size in sizes)
+                               + ", grouped 80/20 split, seed 0 (each site its own manifest)"},
         "figures": figures, "runs": results, "error": error,
         "load_average_before_after": [load_before, load_after], "processes_left": left,
         "note": shared_note(load_before),
