@@ -312,3 +312,40 @@ def test_a_layer_used_twice_under_ghost_clipping_is_a_config_error_that_names_pe
     per_sample = GradSampleModule(Tied(), loss_reduction="mean", strict=True)
     per_sample(x).pow(2).sum(1).mean().backward()
     assert per_sample.lin.weight.grad_sample.shape == (3, 4, 4)
+
+
+def test_a_layer_whose_output_never_reaches_the_loss_gets_a_zero_clipped_gradient_under_ghost_clipping():
+    """An unused branch (its output computed, then dropped) or a layer never called has a zero gradient for
+    every image: ghost clipping gives it zero norms and a zero .grad, clips the rest exactly as without it,
+    and does not mistake the next forward for a second use of the branch (weight tying)."""
+    from fedus.privacy.bookkeeping import BookkeepingModule
+
+    class Branched(torch.nn.Module):
+        def __init__(self, unused: bool):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+            if unused:
+                self.aux, self.never = torch.nn.Linear(8, 2), torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if hasattr(self, "aux"):
+                self.aux(h)  # computed, never part of the loss
+            return self.b(h)
+
+    torch.manual_seed(0)
+    plain, branched = Branched(False), Branched(True)
+    branched.load_state_dict(plain.state_dict(), strict=False)
+    ghosts = {"plain": BookkeepingModule(plain, 0.1), "branched": BookkeepingModule(branched, 0.1)}
+    for step in range(3):
+        x = torch.randn(5, 4)
+        for g in ghosts.values():
+            g.zero_grad(set_to_none=True)
+            g.backward(g(x).pow(2).sum(1))
+        norms = {k: g.get_norm_sample() for k, g in ghosts.items()}
+        torch.testing.assert_close(norms["branched"], norms["plain"])
+        assert bool((norms["plain"] > 0.1).all())  # every image clipped: a wrong norm would show in the step
+        for name, p in plain.named_parameters():
+            torch.testing.assert_close(branched.get_parameter(name).grad, p.grad, msg=name)
+        for p in [*branched.aux.parameters(), *branched.never.parameters()]:
+            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))

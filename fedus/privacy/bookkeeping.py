@@ -92,8 +92,26 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
         """The one backward pass of the batch's mean loss, then each parameter's .grad = its clipped
         per-image gradients, summed."""
         self.batch_size = len(per_sample_loss)
+        for params in self.layer_params.values():
+            for p in params:
+                p._norm_sample = None
         torch.autograd.grad(per_sample_loss.mean(), self.anchor)
+        self._unreached_layers()
         self.clipped_gradients()
+
+    def _unreached_layers(self) -> None:
+        """A layer whose output never reached the loss (an unused branch, or a layer not called) has a zero
+        gradient for every image: zero norms and a zero .grad (the optimizer still noises it), and its kept
+        input is dropped, so that the next forward does not count a second use (weight tying)."""
+        for layer, params in self.layer_params.items():
+            if all(p._norm_sample is not None for p in params):
+                continue
+            if getattr(layer, "activations", None):
+                layer.activations.clear()
+            for p in params:
+                p._forward_counter = 0
+                p._norm_sample = self.anchor.new_zeros(self.batch_size)
+                _add_grad(p, torch.zeros_like(p))
 
     def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output, loss_reduction: str,
                                batch_first: bool) -> None:
