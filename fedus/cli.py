@@ -293,6 +293,13 @@ def main() -> None:
     except (ConfigError, FlowerProcessError) as err:
         console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as err:
+        if err.filename is None:  # not a path the user gave (a socket, a bug): keep the traceback
+            raise
+        path = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+        console.print(f"[red]error:[/red] {err.strerror or type(err).__name__}: {path}", highlight=False,
+                      soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)

@@ -8,6 +8,7 @@ three means a value set anywhere is validated the same way.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +69,20 @@ class TeacherConfig(_Section):
         if self.weights and self.source == RANDOM_INIT_SOURCE:
             self.source = f"weights file given by the user: {Path(self.weights).name}"
         return self
+
+
+def _key_hint(key: str, known: dict[str, Any]) -> str:
+    """The likely intended keys, not all ~150 of them: close spellings, else the section's keys, else the sections."""
+    sections = sorted({k.split(".")[0] for k in known if "." in k})
+    close = difflib.get_close_matches(key, [*known, *sections], n=3, cutoff=0.75)
+    if close:
+        return f"did you mean {' or '.join(close)}?"
+    section = key.split(".")[0]
+    in_section = sorted(k for k in known if k.split(".")[0] == section and "." in k)
+    if in_section:
+        return f"keys in '{section}': {', '.join(in_section)}"
+    return (f"sections: {', '.join(sections)}; "
+            f"top-level keys: {', '.join(sorted(k for k in known if '.' not in k))}")
 
 
 def parse_blocks(spec: str) -> int | list[int]:
@@ -420,7 +435,7 @@ class RunConfig(_Section):
         for key, value in items:
             key = _kebab(key)
             if key not in flat:
-                raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(flat))})")
+                raise ConfigError(f"unknown config key '{key}' ({_key_hint(key, flat)})")
             flat[key] = value
         return RunConfig.from_flat(flat)
 
@@ -484,4 +499,6 @@ def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":  # a misspelt key in a TOML file
+        return f"unknown config key '{where}' ({_key_hint(where, RunConfig().to_flat())}){more}"
     return f"invalid config value for '{where}': {first['msg']}{more}"

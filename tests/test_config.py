@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from fedus.config import ConfigError, RunConfig, flatten
+from fedus.config import ConfigError, RunConfig, flatten, unflatten
 from fedus.scenarios import available, load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,3 +52,22 @@ def test_a_teacher_weights_file_is_never_labelled_random_init():
     assert "random init" in RunConfig().teacher.source
     stated = RunConfig().with_overrides(['teacher.weights="/m/t.safetensors"', 'teacher.source="fitted here on the corpus"'])
     assert stated.teacher.source == "fitted here on the corpus"
+
+
+@pytest.mark.parametrize("bad, hint, toml_hint", [  # a TOML file names the first unknown part (a whole section)
+    ("train.local-step=3", "did you mean train.local-steps?", None),
+    ("round=3", "did you mean rounds?", None),
+    ("train.nosuch=1", "keys in 'train': train.augment, ", None),
+    ("nosuch.key=1", "sections: central-dp, coreset, ", "'nosuch' (sections: central-dp, coreset, "),
+    ("trian.lr=1", "'trian.lr' (did you mean train.lr?)", "'trian' (did you mean train?)"),
+])
+def test_an_unknown_key_names_the_likely_ones_not_all(bad, hint, toml_hint):
+    """From --set and from a scenario's TOML alike: one line, the likely keys, not all ~150."""
+    key, value = bad.split("=")
+    with pytest.raises(ConfigError) as from_set:
+        RunConfig().with_overrides([bad])
+    with pytest.raises(ConfigError) as from_toml:
+        RunConfig.from_dict(unflatten({key: int(value)}))
+    for message, expected in ((str(from_set.value), hint), (str(from_toml.value), toml_hint or hint)):
+        assert message.startswith("unknown config key '") and expected in message and "\n" not in message
+        assert len(message) < len(", ".join(RunConfig().to_flat())) / 2, message

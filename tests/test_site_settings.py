@@ -25,3 +25,14 @@ def test_a_value_flower_cannot_carry_is_a_clear_error(tmp_path):
     s = SiteSettings(name="x", data=tmp_path / "it's \"odd\"" / "m.csv", server="localhost:9092", state=tmp_path)
     with pytest.raises(ConfigError, match="cannot be passed to Flower's --node-config"):
         node_config(s)
+
+
+@pytest.mark.parametrize("args", [("certs", "init", "--out", "{blocker}/certs"),
+                                  ("site", "keygen", "a", "--out", "{blocker}/keys")])
+def test_a_folder_that_cannot_be_made_is_a_one_line_error_naming_it(tmp_path, fedus_cli, args):
+    """A mistyped or unwritable output folder is a user mistake: one line with the path, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, stderr = fedus_cli(*(a.format(blocker=blocker) for a in args))
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [f"error: Not a directory: {blocker}/{args[-1].split('/')[-1]}"], stderr
