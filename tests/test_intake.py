@@ -391,3 +391,12 @@ def test_cli_nothing_usable_is_one_line_error(tmp_path, fedus_cli):
     assert len(errors) == 1 and "no usable ultrasound images" in errors[0]
     assert "Traceback" not in err
     assert (tmp_path / "intake-log.csv").is_file()
+
+
+def test_cli_card_of_a_csv_that_is_not_a_manifest_is_one_line_error(tmp_path, fedus_cli):
+    other = tmp_path / "other.csv"
+    other.write_text("patient,age\np1,40\n")
+    code, _, err = fedus_cli("data", "card", other)
+    assert code == 2 and "not a manifest (no image_path column)" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "data-card.json").exists()

@@ -388,3 +388,13 @@ def test_console_summary_fits_80_columns(tmp_path, monkeypatch):
     assert "…" not in text and max(map(len, text.splitlines())) <= 80
     for word in ("teacher", "student", "random", "final", "synthetic-centre-2", "0.812"):
         assert word in text
+
+
+@pytest.mark.parametrize("summary", [None, "{not json", "[1, 2]"])
+def test_report_of_a_folder_that_is_not_a_run_is_one_line(summary, tmp_path, fedus_cli):
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(summary)
+    code, _, err = fedus_cli("report", tmp_path)
+    assert code == 2 and str(tmp_path) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "report").exists()

@@ -36,3 +36,28 @@ def test_a_folder_that_cannot_be_made_is_a_one_line_error_naming_it(tmp_path, fe
     code, _, stderr = fedus_cli(*(a.format(blocker=blocker) for a in args))
     assert code == 2 and "Traceback" not in stderr
     assert stderr.strip().splitlines() == [f"error: Not a directory: {blocker}/{args[-1].split('/')[-1]}"], stderr
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("junk-ca", "is not a PEM certificate"),
+    ("public-key-as-key", "is not an unencrypted OpenSSH private key"),
+    ("ca-key-as-key", "is not an unencrypted OpenSSH private key"),
+])
+def test_a_site_given_the_wrong_certificate_or_key_file_says_which_before_starting(tmp_path, fedus_cli, mistake,
+                                                                                   message):
+    """Flower would only exit with a code and a log line (or fail the TLS handshake later); fedus names the file."""
+    from fedus.deployment.certs import init_certs, site_keygen
+
+    certs, keys = init_certs(tmp_path / "certs", []), site_keygen("a", tmp_path / "keys")
+    root, key = certs["ca_cert"], keys["private_key"]
+    if mistake == "junk-ca":
+        root = tmp_path / "ca.crt"
+        root.write_text("not a certificate\n")
+    else:
+        key = keys["public_key"] if mistake == "public-key-as-key" else certs["ca_key"]
+    (tmp_path / "m.csv").write_text("image_path\n")
+    code, _, err = fedus_cli("client", "start", "--site", "a", "--data", tmp_path / "m.csv", "--server", "localhost:1",
+                             "--root-cert", root, "--key", key, "--state", tmp_path / "s")
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s" / "supernode.log").exists()  # refused before any process started

@@ -121,3 +121,28 @@ def check_public_key(path: Path) -> None:
         raise ConfigError(f"{path} is not an OpenSSH public key (make one with `fedus site keygen NAME`)") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ConfigError(f"{path}: SuperNode keys must be EC (NIST curve); make one with `fedus site keygen NAME`")
+
+
+def check_root_cert(path: Path) -> None:
+    """The consortium's CA certificate a site trusts; Flower only says the handshake failed."""
+    try:
+        x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"root certificate not found: {path} (the consortium's ca.crt)") from None
+    except ValueError:
+        raise ConfigError(f"{path} is not a PEM certificate (the consortium's ca.crt from `fedus certs init`)") from None
+
+
+def load_site_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """A site's SuperNode private key as Flower loads it (OpenSSH, EC), or a one-line error; Flower's own
+    is an exit code and a log line."""
+    try:
+        key = serialization.load_ssh_private_key(Path(path).read_bytes(), password=None)
+    except FileNotFoundError:
+        raise ConfigError(f"site private key not found: {path} (make it with `fedus site keygen NAME`)") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: a passphrase-protected key
+        raise ConfigError(f"{path} is not an unencrypted OpenSSH private key (the file `fedus site keygen NAME` "
+                          "wrote without .pub)") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{path}: SuperNode keys must be EC (NIST curve); make one with `fedus site keygen NAME`")
+    return key

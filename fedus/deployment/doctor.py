@@ -58,19 +58,14 @@ def check_tls(address: str, root_cert: Path | None, timeout: float = 5.0) -> Che
 
 
 def check_key(private_key: Path | None) -> Check:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from fedus.deployment.certs import load_site_key
 
     if private_key is None:
         return Check("site key", False, "no --key given")
     try:
-        key = serialization.load_ssh_private_key(Path(private_key).read_bytes(), password=None)
-    except FileNotFoundError:
-        return Check("site key", False, f"not found: {private_key}")
-    except ValueError as err:
-        return Check("site key", False, f"not an OpenSSH private key: {err}")
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        return Check("site key", False, "not an EC key (make one with `fedus site keygen NAME`)")
+        key = load_site_key(private_key)
+    except ConfigError as err:
+        return Check("site key", False, str(err))
     mode = Path(private_key).stat().st_mode & 0o077
     if mode:
         return Check("site key", False, f"{private_key} is readable by others (chmod 600)")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedus.config import ConfigError
+from fedus.deployment.certs import check_root_cert, load_site_key
 from fedus.processes import FlowerProcessError, flower_bin, flower_env, free_port, kill_flower_home, kill_group, start
 
 
@@ -81,12 +82,10 @@ def command(s: SiteSettings, runtime_port: int, executor_secret: Path | None = N
         cmd += ["--max-wait-time", str(s.max_wait)]
     if s.root_cert is None:
         return cmd + ["--insecure"]
-    if not Path(s.root_cert).is_file():
-        raise ConfigError(f"root certificate not found: {s.root_cert} (the consortium's ca.crt)")
+    check_root_cert(s.root_cert)
     cmd += ["--root-certificates", str(Path(s.root_cert).resolve())]
     if s.private_key is not None:
-        if not Path(s.private_key).is_file():
-            raise ConfigError(f"site private key not found: {s.private_key} (make it with `fedus site keygen {s.name}`)")
+        load_site_key(s.private_key)
         cmd += ["--auth-supernode-private-key", str(Path(s.private_key).resolve())]
     return cmd
 

@@ -67,6 +67,8 @@ def data_card(manifest: str | Path, k: int = K_ANONYMITY) -> dict:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise ConfigError(f"{path}: not a readable CSV ({err.__class__.__name__})") from None
+    if "image_path" not in df.columns:  # the intake columns are optional (a corpus manifest has none); this one is not
+        raise ConfigError(f"{path}: not a manifest (no image_path column)")
     return card_of_rows(df, k)
 
 
