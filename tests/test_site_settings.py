@@ -61,3 +61,22 @@ def test_a_site_given_the_wrong_certificate_or_key_file_says_which_before_starti
     assert code == 2 and message in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "s" / "supernode.log").exists()  # refused before any process started
+
+
+@pytest.mark.parametrize("host", ["bad host!", "-server", "a..b", "https://server:9092"])
+def test_certs_init_refuses_a_host_no_site_could_dial_and_writes_nothing(tmp_path, fedus_cli, host):
+    code, _, err = fedus_cli("certs", "init", "--out", tmp_path / "certs", "--host", "server.example.org", "--host", host)
+    assert code == 2 and f"--host '{host}' is neither an IP address nor a DNS name" in err and "Traceback" not in err
+    assert not (tmp_path / "certs").exists()
+
+
+def test_certs_init_takes_dns_names_and_ips_into_the_server_certificate(tmp_path):
+    from cryptography import x509
+
+    from fedus.deployment.certs import init_certs
+
+    paths = init_certs(tmp_path / "certs", ["fedus_server", "*.hospital.example", "10.1.2.3", "fd00::7"])
+    sans = x509.load_pem_x509_certificate(paths["server_cert"].read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert set(sans.get_values_for_type(x509.DNSName)) == {"fedus_server", "*.hospital.example", "localhost"}
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"10.1.2.3", "fd00::7", "127.0.0.1", "::1"}

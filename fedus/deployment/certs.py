@@ -24,6 +24,16 @@ from fedus.config import ConfigError
 
 CURVE = ec.SECP384R1()  # Flower's SuperNode auth accepts NIST-curve EC keys
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# RFC 1123 labels, plus '_' (container networks name services with it) and a leading wildcard label
+DNS_NAME = re.compile(r"^(?=.{1,253}$)(\*\.)?[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _write_new(path: Path, data: bytes, private: bool = False) -> Path:
@@ -51,6 +61,9 @@ def init_certs(out: Path, hosts: list[str], days: int = 825) -> dict[str, Path]:
     """CA + server certificate for `hosts` (DNS names or IPs). localhost/127.0.0.1/::1 are always
     included: Flower's SuperLink talks to its own executor over TLS on 127.0.0.1."""
     out = Path(out)
+    bad = [h for h in hosts if not _is_ip(h) and not DNS_NAME.match(h)]
+    if bad:  # a site would fail the TLS handshake against a certificate made for a name it cannot dial
+        raise ConfigError(f"--host '{bad[0]}' is neither an IP address nor a DNS name (letters, digits, '-', '_', dots)")
     for name in ("ca.crt", "ca.key", "server.pem", "server.key"):
         if (out / name).exists():
             raise ConfigError(f"{out / name} already exists; fedus never overwrites keys or certificates")
@@ -68,10 +81,7 @@ def init_certs(out: Path, hosts: list[str], days: int = 825) -> dict[str, Path]:
 
     names: list[x509.GeneralName] = []
     for host in dict.fromkeys([*hosts, "localhost", "127.0.0.1", "::1"]):
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
+        names.append(x509.IPAddress(ipaddress.ip_address(host)) if _is_ip(host) else x509.DNSName(host))
     server_key = ec.generate_private_key(CURVE)
     server = (x509.CertificateBuilder().subject_name(_name(hosts[0] if hosts else "localhost")).issuer_name(ca.subject)
               .public_key(server_key.public_key()).serial_number(x509.random_serial_number())

@@ -33,7 +33,7 @@ def server(
     certs: Optional[Path] = typer.Option(None, help="folder from `fedus certs init` (ca.crt, server.pem, server.key)"),
     insecure: bool = typer.Option(False, "--insecure", help="plaintext, no site authentication (testing only)"),
     host: str = typer.Option("0.0.0.0", help="address the SuperLink listens on"),
-    port: int = typer.Option(9092, help="the SuperLink's single HTTP(S) port"),
+    port: int = typer.Option(9092, min=1, max=65535, help="the SuperLink's single HTTP(S) port"),
     register: Optional[Path] = typer.Option(None, help="register every NAME.pub in this folder before the run"),
     config: Optional[Path] = typer.Option(None, help="run config TOML (fedus RunConfig, or a scenario file)"),
     rounds: Optional[int] = typer.Option(None),
