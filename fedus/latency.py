@@ -71,12 +71,14 @@ def measure(model: Student | Teacher, image_size: int, onnx_path: Path, warmup: 
 
 def models_from_archs(teacher_arch: str, student_arch: str, image_size: int, seed: int = 0
                       ) -> tuple[Teacher, Student, dict]:
-    """Random-init teacher and student (the student's head shaped by the teacher, as in a run)."""
-    teacher = create_teacher(TeacherConfig(arch=teacher_arch), image_size)
+    """Random-init teacher and student (the student's head shaped by the teacher, as in a run). The teacher's
+    tapped blocks are concatenated: a CNN's last blocks differ in width, which 'mean' cannot combine, and the
+    combination costs nothing next to the backbone."""
+    teacher = create_teacher(TeacherConfig(arch=teacher_arch, combine="concat"), image_size)
     student = create_student(StudentConfig(arch=student_arch), teacher.dim, teacher.grid, image_size, seed)
     return teacher, student, {
         "source": "architectures given on the command line",
-        "teacher": {"arch": teacher_arch, "weights": RANDOM_INIT},
+        "teacher": {"arch": teacher_arch, "weights": RANDOM_INIT, "blocks": "default, concatenated"},
         "student": {"arch": student_arch, "weights": f"random init, seed {seed}"}}
 
 

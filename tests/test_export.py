@@ -96,6 +96,16 @@ def test_latency_params_and_flops_ratios():
     assert r["image_size"] == SIZE and r["machine"]["cpu_count"] and r["teacher"]["weights"].startswith("random init")
 
 
+def test_latency_of_a_cnn_teacher_whose_last_blocks_differ_in_width():
+    """A ResNet's default taps (its last two stages: 256 and 512 channels) cannot be averaged; the latency
+    command takes any timm teacher, so it concatenates them."""
+    teacher, student, prov = models_from_archs("resnet18", "resnet10t", SIZE)
+    r = compare_latency(teacher, student, SIZE, prov, warmup=0, runs=2)
+    assert teacher.dim == 256 + 512 and prov["teacher"]["blocks"] == "default, concatenated"
+    assert r["teacher"]["params"] == sum(p.numel() for p in teacher.backbone.parameters())
+    assert 0 < r["ratios"]["gflops"] < 1
+
+
 def test_cli_export_and_latency_on_a_run_dir(run_dir, tmp_path):
     runner = CliRunner()
     out = runner.invoke(app, ["export", str(run_dir), "--onnx", "--out", str(tmp_path / "s.onnx")])
