@@ -19,6 +19,7 @@ from sklearn.manifold import TSNE
 
 from fedus.config import ConfigError, RunConfig
 from fedus.evaluation.protocol import MODELS, evaluate_models, extract, stage_fn
+from fedus.reports.sections import read_summary
 
 EVALUATION = "evaluation.json"
 __all__ = ["EVALUATION", "load_run", "final_checkpoint", "start_state", "embedding_coords", "evaluate_run"]
@@ -29,12 +30,10 @@ def load_run(run_dir: Path) -> tuple[dict, RunConfig]:
     path = Path(run_dir) / "summary.json"
     if not path.is_file():
         raise ConfigError(f"no summary.json in {run_dir}: not a fedus run directory")
-    try:
-        summary = json.loads(path.read_text())
-        config = summary["config"]
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"{path} is not a fedus run summary (unreadable, or no run config)") from None
-    return summary, RunConfig.from_dict(config)
+    summary = read_summary(path)
+    if not isinstance(summary.get("config"), dict):
+        raise ConfigError(f"{path} is not a fedus run summary (no run config)")
+    return summary, RunConfig.from_dict(summary["config"])
 
 
 def final_checkpoint(run_dir: Path, summary: dict) -> tuple[int, Path]:

@@ -18,10 +18,10 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from fedus.config import ConfigError, describe_blocks
+from fedus.config import describe_blocks
 from fedus.reports.sections import (CARD_HEAD, NOT_AVAILABLE, PROTOCOL_HEAD, UNSEEN_HEAD, card_rows, cross_site_png,
                                     cross_site_tables, embedding_png, evaluation_from_summary, label_efficiency_png,
-                                    protocol_csv_rows, protocol_rows, read_evaluation)
+                                    protocol_csv_rows, protocol_rows, read_evaluation, read_summary)
 from fedus.reports.privacy import (EpsilonRecord, epsilon_csv_rows, epsilon_png, epsilon_record, epsilon_table, epsilon_text,
                                    secure_aggregation_text)
 from matplotlib.ticker import MaxNLocator
@@ -449,12 +449,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"no summary.json in {run_dir}")
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except ValueError:  # a truncated copy, another tool's file: one line, not a traceback
-        summary = None
-    if not isinstance(summary, dict):
-        raise ConfigError(f"{summary_path} is not a fedus run summary (not a JSON object)")
+    summary = read_summary(summary_path)
     evaluation = read_evaluation(run_dir) or evaluation_from_summary(summary)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)

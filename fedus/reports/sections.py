@@ -13,6 +13,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from fedus.config import ConfigError
+
 NOT_AVAILABLE = "not available in this run"
 MODEL_NAMES = {"teacher": "teacher", "student": "federated student", "local": "local student",
                "central": "central student (pooled)", "random_init": "random init"}
@@ -26,6 +28,18 @@ UNSEEN_HEAD = ["held-out centre", "task", "metric", "teacher", "federated studen
                "central student (pooled)", "random init", "gap to teacher", "student beats random init"]
 MATRIX_NAMES = {"cos": "cosine to the teacher", "knn_acc": "kNN accuracy", "cls_balanced_acc": "linear-head balanced accuracy"}
 CARD_HEAD = ["site", "train images", "held-out images", "classes", "masks", "skipped images", "data card"]
+
+
+def read_summary(path: Path) -> dict:
+    """A run's summary.json, or a one-line ConfigError for a file that is not one (a truncated copy,
+    another tool's file); what it must hold is the reader's to check."""
+    try:
+        summary = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError:
+        summary = None
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{path} is not a fedus run summary (not a JSON object)")
+    return summary
 
 
 def read_evaluation(run_dir: Path) -> dict | None:
