@@ -25,6 +25,7 @@ fitted on the corpus' pooled training splits).
     python bench/coreset.py --cases fitted:corpus --steps 200 --out bench/results/coreset-corpus-cpu.json
     python bench/coreset.py --preset demo --cases fitted:clean    # the demo's own settings
     python bench/coreset.py --preset demo --cases fitted:clean --seeds 20 --without-full   # paired difference, more seeds
+    python bench/coreset.py --preset demo --cases fitted:clean --seeds 10 --without-full --also-prefer hard
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def held_out_cos(sites: list[Site], states: list[dict]) -> float:
     return sum(s["cos"] * s["num-examples"] for s in scores) / sum(s["num-examples"] for s in scores)
 
 
-def run_seed(cfg: RunConfig, data: str, full: bool = True) -> dict:
+def run_seed(cfg: RunConfig, data: str, full: bool = True, also_prefer: tuple[str, ...] = ()) -> dict:
+    """`also_prefer`: further coresets ranked the other way (`coreset.prefer`), named coreset_<prefer>,
+    of the same per-site sizes as the run's own coreset and random subset."""
     n_sites = (len(list_sites(read_manifest(Path(cfg.data.manifest)), cfg.data.site_column)) if data == "corpus"
                else cfg.data.synthetic_centres)
     sites = [Site(cfg, i) for i in range(n_sites)]
@@ -96,6 +99,10 @@ def run_seed(cfg: RunConfig, data: str, full: bool = True) -> dict:
     scored = [site.coreset_scores(start, 1) for site in sites]
     plan = plan_budget([histogram(s.scores, cfg.coreset.bins) for s in scored], cfg.coreset.budget)
     subsets = {"coreset": [s.select(k, cfg.coreset.quota) for s, k in zip(scored, plan.keep)]}
+    for prefer in also_prefer:
+        other = cfg.coreset.model_copy(update={"prefer": prefer})
+        subsets[f"coreset_{prefer}"] = [site.coreset_scores(start, 1, other).select(k, cfg.coreset.quota)
+                                        for site, k in zip(sites, plan.keep)]
     rng = np.random.default_rng(derived_seed(cfg.seed, "random-subset"))
     subsets["random"] = [np.sort(rng.choice(len(site.data.train), k, replace=False)) for site, k in zip(sites, plan.keep)]
     if full:
@@ -103,7 +110,7 @@ def run_seed(cfg: RunConfig, data: str, full: bool = True) -> dict:
     row = {"seed": cfg.seed, "n_train": [len(s.data.train) for s in sites], "kept": plan.keep,
            "threshold": round(plan.threshold, 4), "scoring_s": round(sum(s.seconds for s in scored), 2)}
     if with_planted:
-        for name in ("coreset", "random"):
+        for name in [n for n in subsets if n != "full"]:
             row[f"planted_in_{name}"] = sum(int((k[idx] != "clean").sum()) for k, idx in zip(kinds, subsets[name]))
     for name, picks in subsets.items():
         states = [site.train(start, 1, subset=pick)[0] for site, pick in zip(sites, picks)]
@@ -116,12 +123,14 @@ def summary(rows: list[dict]) -> dict:
         return {"mean": round(statistics.mean(values), 5),
                 "std": round(statistics.stdev(values), 5) if len(values) > 1 else 0.0}
 
-    diff = [r["cos_coreset"] - r["cos_random"] for r in rows]
-    return {name: stats([r[f"cos_{name}"] for r in rows]) for name in ("coreset", "random", "full")
-            if f"cos_{name}" in rows[0]} | {
-        "coreset_minus_random": stats(diff) | {"stderr": round(statistics.stdev(diff) / len(diff) ** 0.5, 5)
-                                                if len(diff) > 1 else 0.0},
-        "coreset_beats_random_seeds": f"{sum(d > 0 for d in diff)}/{len(diff)}"}
+    names = [key[len("cos_"):] for key in rows[0] if key.startswith("cos_")]
+    out = {name: stats([r[f"cos_{name}"] for r in rows]) for name in names}
+    for name in (n for n in names if n.startswith("coreset")):
+        diff = [r[f"cos_{name}"] - r["cos_random"] for r in rows]
+        out[f"{name}_minus_random"] = stats(diff) | {
+            "stderr": round(statistics.stdev(diff) / len(diff) ** 0.5, 5) if len(diff) > 1 else 0.0}
+        out[f"{name}_beats_random_seeds"] = f"{sum(d > 0 for d in diff)}/{len(diff)}"
+    return out
 
 
 def demo_settings() -> dict:
@@ -152,6 +161,8 @@ def main() -> None:
     ap.add_argument("--max-images-per-site", type=int, default=0, help="corpus: whole leakage groups up to N (0: all)")
     ap.add_argument("--without-full", action="store_true",
                     help="train coreset and random subsets only (more seeds for the paired difference in the same time)")
+    ap.add_argument("--also-prefer", nargs="*", default=[], choices=("representative", "hard"),
+                    help="also train a coreset ranked this way (coreset.prefer), same sizes, paired")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     p = (demo_settings() if args.preset == "demo" else dict(SETTINGS)) | {
@@ -180,14 +191,15 @@ def main() -> None:
             rows = []
             for seed in range(args.seeds):
                 rows.append(run_seed(config(p, manifest, teacher, seed, args.budget, weights, corpus), data,
-                                     full=not args.without_full))
+                                     full=not args.without_full, also_prefer=tuple(args.also_prefer)))
                 print(case, rows[-1], flush=True)
             results[case] = {"figures": summary(rows), "rows": rows}
     cfg = config(p, Path("synthetic"), "random", 0, args.budget)
     result = {
         "benchmark": "coreset", "machine": machine(), "device": str(device),
         "settings": p | {"preset": args.preset, "budget": args.budget, "seeds": list(range(args.seeds)),
-                         "subsets": ["coreset", "random"] + ([] if args.without_full else ["full"]),
+                         "subsets": ["coreset", *(f"coreset_{p}" for p in args.also_prefer), "random"]
+                                    + ([] if args.without_full else ["full"]),
                          "coreset": cfg.coreset.model_dump(by_alias=True),
                          "training": "one site step per site from the seeded round-0 student (no aggregation); "
                                      "coreset, random and full runs share the student, steps and training seed",

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib import metadata
 
 import torch
+
+
+LIBRARIES = ("numpy", "scipy", "scikit-learn", "timm", "flwr", "opacus")  # their versions move figures too
 
 
 def machine() -> dict:
@@ -18,6 +22,14 @@ def machine() -> dict:
         info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    info["libraries"] = {name: _version(name) for name in LIBRARIES}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Subset
 
-from fedus.config import RunConfig
+from fedus.config import CoresetConfig, RunConfig
 from fedus.coreset import SiteScores, score_site
 from fedus.data.sites import SiteData, load_site
 from fedus.distill.clock import RoundClock
@@ -106,12 +106,14 @@ class Site:
                 "has_masks": d.has_masks, "skipped": (d.train.report.skipped or {}),
                 "data_card": card_of_rows(pd.concat([d.train_rows, d.test_rows]))}
 
-    def coreset_scores(self, state: dict[str, torch.Tensor], server_round: int) -> SiteScores:
+    def coreset_scores(self, state: dict[str, torch.Tensor], server_round: int,
+                       coreset: CoresetConfig | None = None) -> SiteScores:
         """Coreset scores of the training images with the global student of `server_round` (fedus.coreset),
-        by the run's own loss mix at the round's start on the global clock."""
+        by the run's own loss mix at the round's start on the global clock. `coreset`: other coreset
+        settings than the run's (a benchmark comparing two rankings of the same images)."""
         t = self.cfg.train
         with eager():  # a teacher compiled by an earlier site step here would recompile per batch size
-            return score_site(self.student(state), self.teacher, self.data.train.images, self.cfg.coreset, t.lr,
+            return score_site(self.student(state), self.teacher, self.data.train.images, coreset or self.cfg.coreset, t.lr,
                               t.weight_decay, t.batch_size,
                               derived_seed(self.cfg.seed, "coreset", server_round, self.name),
                               self.device, t.precision, self.cfg.distill,

@@ -43,6 +43,26 @@ def test_cluster_quotas_keep_a_rare_appearance():
     assert set(kept[clusters[kept] == 1]) <= set(range(90, 95))
 
 
+def test_fuse_prefers_prototypes_or_hard_images_and_always_drops_lone_noisy_and_copied_ones():
+    # images: 0 near its centre, small gradient; 1 far, large gradient; both steady. 2 alone in its
+    # cluster (distance inf), 3 a copy, 4 far with a large but oscillating gradient, 5..9 filler
+    distance = np.array([0.1, 0.9, np.inf, 0.1, 0.9, 0.4, 0.5, 0.5, 0.6, 0.3])
+    redundant = np.arange(10) == 3
+    grad_mean = np.array([0.1, 2.0, 1.0, 0.1, 2.0, 0.5, 0.8, 0.6, 1.2, 0.7])
+    grad_var = (grad_mean * np.array([0.05, 0.05, 0.05, 0.05, 3.0, 0.3, 0.3, 0.3, 0.3, 0.3])) ** 2
+    rep = fuse(distance, redundant, grad_mean, grad_var)
+    hard = fuse(distance, redundant, grad_mean, grad_var, prefer="hard")
+    assert np.array_equal(rep, fuse(distance, redundant, grad_mean, grad_var, prefer="representative"))
+    assert rep.argmax() == 0 and hard.argmax() == 1
+    assert rep[0] > rep[1] and hard[1] > hard[0]
+    for prefer, scores in (("representative", rep), ("hard", hard)):
+        assert scores[3] == 0.0  # a copy, whatever its ranks
+        feature_only = fuse(distance, redundant, grad_mean, grad_var, quality_weight=0.0, prefer=prefer)
+        assert feature_only[2] == 0.0  # alone in its cluster: the worst feature rank either way
+        quality_only = fuse(distance, redundant, grad_mean, grad_var, feature_weight=0.0, prefer=prefer)
+        assert quality_only[4] < quality_only[1]  # same mean gradient as 1, but oscillating
+
+
 def test_query_reply_is_only_counts_per_bin(task_identity):
     msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1, message_type=MessageType.QUERY)
     reply = build_reply(msg, {}, {}, histogram=[0, 6, 5, 0])

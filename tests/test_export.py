@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import timm
 import torch
 from typer.testing import CliRunner
 
@@ -94,6 +95,7 @@ def test_latency_params_and_flops_ratios():
         lat = r[side]["latency_ms"]
         assert 0 < lat["min"] <= lat["median"] <= lat["p90"]
     assert r["image_size"] == SIZE and r["machine"]["cpu_count"] and r["teacher"]["weights"].startswith("random init")
+    assert r["machine"]["libraries"]["timm"] == timm.__version__  # versions that move figures are recorded
 
 
 def test_latency_of_a_cnn_teacher_whose_last_blocks_differ_in_width():

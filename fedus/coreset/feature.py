@@ -4,9 +4,10 @@ k-means on the teacher's pooled, L2-normalised embeddings groups a site's appear
 (devices, presets, anatomy). Within a group, an image close to the centre of the *other*
 members is representative; one far from it is atypical, and an image alone in its group
 has no support at all (leave-one-out distance = infinity), which is where corrupted
-frames end up. Small budgets favour representative images (Sorscher et al. 2022,
-"Beyond neural scaling laws": keep easy prototypes when data are scarce); the
-per-cluster quotas in `scores.select` keep the rarer groups represented.
+frames end up. By default representative images are kept (Sorscher et al. 2022,
+"Beyond neural scaling laws": keep easy prototypes when data are scarce, hard,
+atypical ones when data are abundant; `coreset.prefer` picks, `scores.fuse` applies
+it); the per-cluster quotas in `scores.select` keep the rarer groups represented.
 
 Duplicates carry no new information however typical they are: an image much closer to
 another than the site's typical distance to its 10th neighbour is marked redundant

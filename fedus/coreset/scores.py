@@ -30,13 +30,17 @@ def percentile(better: np.ndarray) -> np.ndarray:
 
 
 def fuse(distance: np.ndarray, redundant: np.ndarray, grad_mean: np.ndarray, grad_var: np.ndarray,
-         feature_weight: float = 1.0, quality_weight: float = 1.0) -> np.ndarray:
-    """Feature rank (near its cluster's centre = good) and quality rank (small, steady gradient
-    = good; steadiness as std/mean, so large-but-steady is not called noisy twice) -> [0, 1].
-    Redundant copies score 0 whatever their ranks."""
-    feature = percentile(-distance)
+         feature_weight: float = 1.0, quality_weight: float = 1.0, prefer: str = "representative") -> np.ndarray:
+    """Feature rank and quality rank -> [0, 1]. `prefer = "representative"`: near its cluster's
+    centre and a small gradient are good (scarce data: keep easy prototypes); `"hard"`: far from
+    the centre and a large gradient are good (abundant data: keep what the student has not learnt;
+    Sorscher et al. 2022). Either way a steady gradient is good (steadiness as std/mean, so
+    large-but-steady is not called noisy twice), an image alone in its cluster (distance inf,
+    where corrupted frames land) is worst, and redundant copies score 0 whatever their ranks."""
+    sign = {"representative": -1.0, "hard": 1.0}[prefer]
+    feature = percentile(sign * distance)  # inf (alone) is the worst either way: percentile's rule
     cv = np.sqrt(grad_var) / np.maximum(grad_mean, 1e-12)
-    quality = (percentile(-grad_mean) + percentile(-cv)) / 2
+    quality = (percentile(sign * grad_mean) + percentile(-cv)) / 2
     fused = (feature_weight * feature + quality_weight * quality) / (feature_weight + quality_weight)
     return np.where(redundant, 0.0, fused)
 
@@ -137,5 +141,5 @@ def score_site(student: Student, teacher: Teacher, raw: torch.Tensor, cfg: Cores
                          cfg.duplicate_neighbours)
     mean, var = warmup_grad_stats(student, teacher, raw, cfg.warmup_steps, lr, weight_decay, batch_size, seed,
                                   device, precision, distill, progress)
-    scores = fuse(ranks.distance, ranks.redundant, mean, var, cfg.feature_weight, cfg.quality_weight)
+    scores = fuse(ranks.distance, ranks.redundant, mean, var, cfg.feature_weight, cfg.quality_weight, cfg.prefer)
     return SiteScores(scores, ranks.clusters, ranks.redundant, time.perf_counter() - start)
