@@ -161,8 +161,9 @@ def main() -> None:
     ap.add_argument("--max-images-per-site", type=int, default=0, help="corpus: whole leakage groups up to N (0: all)")
     ap.add_argument("--without-full", action="store_true",
                     help="train coreset and random subsets only (more seeds for the paired difference in the same time)")
-    ap.add_argument("--also-prefer", nargs="*", default=[], choices=("representative", "hard"),
-                    help="also train a coreset ranked this way (coreset.prefer), same sizes, paired")
+    ap.add_argument("--also-prefer", nargs="*", default=[], choices=("hard",),
+                    help="also train a coreset ranked the other way (coreset.prefer), same sizes, paired; "
+                         "the run's own coreset is the default ranking, representative")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     p = (demo_settings() if args.preset == "demo" else dict(SETTINGS)) | {

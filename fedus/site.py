@@ -113,8 +113,8 @@ class Site:
         settings than the run's (a benchmark comparing two rankings of the same images)."""
         t = self.cfg.train
         with eager():  # a teacher compiled by an earlier site step here would recompile per batch size
-            return score_site(self.student(state), self.teacher, self.data.train.images, coreset or self.cfg.coreset, t.lr,
-                              t.weight_decay, t.batch_size,
+            return score_site(self.student(state), self.teacher, self.data.train.images,
+                              coreset or self.cfg.coreset, t.lr, t.weight_decay, t.batch_size,
                               derived_seed(self.cfg.seed, "coreset", server_round, self.name),
                               self.device, t.precision, self.cfg.distill,
                               RoundClock(server_round, self.cfg.rounds).progress(0, 1))
