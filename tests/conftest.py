@@ -11,7 +11,17 @@ import torch
 from fedus.config import RunConfig
 from fedus.scenarios import corpus_root
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 intra-op threads, shared out among pytest-xdist's workers (oversubscribed threads cost, not help)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+
+# the longest files, first and (under pytest-xdist's loadfile) on different workers: see addopts in pyproject.toml
+LONGEST_FIRST = ("test_simulation.py", "test_deployment.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 TINY = [
     "teacher.arch=vit_tiny_patch16_224", "student.arch=resnet10t", "student.head-hidden=128",

@@ -6,7 +6,7 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from fedus.config import ConfigError
-from fedus.deployment.site import SiteSettings, node_config
+from fedus.deployment.site import SiteSettings, explain_exit, node_config
 
 
 @pytest.mark.parametrize("folder", ["St Mary's Hospital", r"C:\sites\breast", "a, b = c", "Hôpital Necker", "plain"])
@@ -80,3 +80,16 @@ def test_certs_init_takes_dns_names_and_ips_into_the_server_certificate(tmp_path
         x509.SubjectAlternativeName).value
     assert set(sans.get_values_for_type(x509.DNSName)) == {"fedus_server", "*.hospital.example", "localhost"}
     assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"10.1.2.3", "fd00::7", "127.0.0.1", "::1"}
+
+
+@pytest.mark.parametrize("line, says", [
+    ("Failed to activate SuperNode", "not registered"),
+    ("ssl routines: WRONG_VERSION_NUMBER", "TLS mismatch"),
+    ("Server disconnected without sending a response.", "TLS mismatch or wrong port"),
+    # seen with a plaintext site against a TLS server on a loaded machine (Flower 1.42, exit code 305)
+    ("Failed to initialize the connection to the SuperLink.\n[Errno 104] Connection reset by peer", "TLS mismatch or wrong port"),
+    ("CERTIFICATE_VERIFY_FAILED", "wrong ca.crt"),
+    ("something else", "SuperNode exited with 1; see"),
+])
+def test_a_supernode_that_gives_up_is_explained_in_the_operators_terms(tmp_path, line, says):
+    assert says in explain_exit(1, f"INFO: starting\n{line}\n", tmp_path / "supernode.log")
