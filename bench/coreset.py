@@ -2,8 +2,8 @@
 
 Per case (teacher x data) and seed, every site scores its training images with the
 round-0 student (`Site.coreset_scores`: teacher k-means feature rank + warm-up gradient
-quality rank) and sends a histogram; `plan_budget` turns the summed histograms and the
-global budget into each site's keep count; each site then trains one round
+quality rank) and sends its histogram, small bins merged as a site sends it; `plan_budget`
+turns the summed histograms and the global budget into each site's keep count; each site then trains one round
 (`Site.train`, the real site step, `steps` steps) on (a) its coreset, (b) a random subset
 of the same size, (c) all its training images, from the same seeded student, and each
 student's held-out cosine to the teacher on the site's test split is measured (mean over
@@ -44,7 +44,6 @@ from bench.machine import machine, write_result  # noqa: E402
 from fedus.config import ConfigError, RunConfig  # noqa: E402
 from fedus.coreset import plan_budget  # noqa: E402
 from fedus.coreset.planted import add_cine_frames, plant  # noqa: E402
-from fedus.coreset.scores import histogram  # noqa: E402
 from fedus.data.manifest import read_manifest  # noqa: E402
 from fedus.data.sites import list_sites  # noqa: E402
 from fedus.data.synthetic import write_synthetic_corpus  # noqa: E402
@@ -97,7 +96,7 @@ def run_seed(cfg: RunConfig, data: str, full: bool = True, also_prefer: tuple[st
     kinds = [np.array(plant(site.data.train, cfg.seed)) if with_planted else None for site in sites]
     start = initial_student(cfg).state_dict()
     scored = [site.coreset_scores(start, 1) for site in sites]
-    plan = plan_budget([histogram(s.scores, cfg.coreset.bins) for s in scored], cfg.coreset.budget)
+    plan = plan_budget([s.sent_histogram(cfg.coreset) for s in scored], cfg.coreset.budget)  # as a federation plans it
     subsets = {"coreset": [s.select(k, cfg.coreset.quota) for s, k in zip(scored, plan.keep)]}
     for prefer in also_prefer:
         other = cfg.coreset.model_copy(update={"prefer": prefer})

@@ -25,7 +25,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client.replies import as_fitres, build_reply, site_facts
 from fedus.config import RunConfig
-from fedus.coreset import SiteScores, histogram, suppress_small_bins
+from fedus.coreset import SiteScores
 from fedus.privacy import PrivacyLedger
 from fedus.processes import process_age
 from fedus.site import Site, get_site
@@ -186,9 +186,8 @@ def query(msg: Message, context: Context) -> Message:
     site, config, _, sent = received(msg, context)
     scores = site.coreset_scores(sent, int(config["server-round"]))
     store_scores(context, scores)
-    c = site.cfg.coreset
-    return build_reply(msg, {}, {}, histogram=suppress_small_bins(histogram(scores.scores, c.bins), c.min_bin_count),
-                       min_bin_count=c.min_bin_count)
+    return build_reply(msg, {}, {}, histogram=scores.sent_histogram(site.cfg.coreset),
+                       min_bin_count=site.cfg.coreset.min_bin_count)
 
 
 def split_evaluation(scores: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:

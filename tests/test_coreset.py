@@ -261,7 +261,7 @@ def test_coreset_student_is_no_worse_than_a_random_subset_at_equal_steps(tiny_cf
         site = Site(cfg, 0)
         start = initial_student(cfg).state_dict()
         scored = site.coreset_scores(start, 1)
-        keep = plan_budget([histogram(scored.scores, cfg.coreset.bins)], cfg.coreset.budget).keep[0]
+        keep = plan_budget([scored.sent_histogram(cfg.coreset)], cfg.coreset.budget).keep[0]
         picks = {"coreset": scored.select(keep, cfg.coreset.quota),
                  "random": np.random.default_rng(seed).choice(len(site.data.train), keep, replace=False)}
         for name, pick in picks.items():

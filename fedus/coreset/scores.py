@@ -117,6 +117,10 @@ class SiteScores:
     def select(self, keep: int, quota: float) -> np.ndarray:
         return select(self.scores, self.clusters, keep, quota, self.redundant)
 
+    def sent_histogram(self, cfg: CoresetConfig) -> list[int]:
+        """All that leaves the site about its scores: their histogram, small bins merged (`coreset.min-bin-count`)."""
+        return suppress_small_bins(histogram(self.scores, cfg.bins), cfg.min_bin_count)
+
     def keep_at(self, threshold: float) -> int:
         """How many of this site's images score at or above `threshold`."""
         return int(np.sum(self.scores >= threshold))
