@@ -87,7 +87,8 @@ def test_certs_init_takes_dns_names_and_ips_into_the_server_certificate(tmp_path
     ("ssl routines: WRONG_VERSION_NUMBER", "TLS mismatch"),
     ("Server disconnected without sending a response.", "TLS mismatch or wrong port"),
     # seen with a plaintext site against a TLS server on a loaded machine (Flower 1.42, exit code 305)
-    ("Failed to initialize the connection to the SuperLink.\n[Errno 104] Connection reset by peer", "TLS mismatch or wrong port"),
+    ("Failed to initialize the connection to the SuperLink.\n[Errno 104] Connection reset by peer",
+     "TLS mismatch or wrong port"),
     ("CERTIFICATE_VERIFY_FAILED", "wrong ca.crt"),
     ("something else", "SuperNode exited with 1; see"),
 ])
