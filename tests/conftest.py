@@ -15,7 +15,7 @@ from fedus.scenarios import corpus_root
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 # the longest files, first and (under pytest-xdist's loadfile) on different workers: see addopts in pyproject.toml
-LONGEST_FIRST = ("test_simulation.py", "test_deployment.py", "test_loco.py")
+LONGEST_FIRST = ("test_simulation.py", "test_deployment.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
