@@ -2,8 +2,9 @@
 
 Per case (teacher x data) and seed, every site scores its training images with the
 round-0 student (`Site.coreset_scores`: teacher k-means feature rank + warm-up gradient
-quality rank) and sends its histogram, small bins merged as a site sends it; `plan_budget`
-turns the summed histograms and the global budget into each site's keep count; each site then trains one round
+quality rank) and sends its histogram, small bins merged (`SiteScores.sent_histogram`, as
+the ClientApp sends it); `plan_budget` turns the summed histograms and the global budget
+into each site's keep count; each site then trains one round
 (`Site.train`, the real site step, `steps` steps) on (a) its coreset, (b) a random subset
 of the same size, (c) all its training images, from the same seeded student, and each
 student's held-out cosine to the teacher on the site's test split is measured (mean over

@@ -120,8 +120,10 @@ def explain_exit(code: int, log_text: str, log: Path) -> str:
         return NOT_REGISTERED
     if "WRONG_VERSION_NUMBER" in log_text or "wrong version number" in log_text.lower():
         return "TLS mismatch: the server does not speak TLS (or this site was started with --insecure against a TLS server)"
-    # a TLS server drops a plaintext handshake; which of the two the site's gRPC reports depends on timing
-    if "Server disconnected without sending a response" in log_text or "Connection reset by peer" in log_text:
+    # a TLS server drops a plaintext handshake; gRPC reports either line, depending on timing. A reset only
+    # counts when the first connection failed (exit 305): mid-run it is a server that went away, not TLS
+    reset_at_start = "Failed to initialize the connection" in log_text and "Connection reset by peer" in log_text
+    if "Server disconnected without sending a response" in log_text or reset_at_start:
         return ("TLS mismatch or wrong port: the server closed the connection without answering, "
                 "as a TLS server does to a site started with --insecure")
     if "CERTIFICATE_VERIFY_FAILED" in log_text or "certificate verify failed" in log_text.lower():
