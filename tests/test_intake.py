@@ -18,6 +18,7 @@ from dicom_factory import (
     ultrasound_region, us_dataset,
 )
 from fedus.intake import FrameSampling, data_card, render_markdown, scan
+from fedus.intake.card import render_line
 from fedus.intake.card import card_of_rows, check_card
 from fedus.intake.readers import SKIP_REASONS
 from fedus.intake.secret import SECRET_FILE
@@ -324,6 +325,18 @@ def _card_of(manufacturers: dict[str, int]) -> dict:
     names = [m for m, n in manufacturers.items() for _ in range(n)]
     return card_of_rows(pd.DataFrame({"source_hash": [f"h{i}" for i in range(len(names))], "manufacturer": names,
                                       "rows": "64", "cols": "80", "n_frames": "1"}))
+
+
+def test_data_card_reads_as_one_line_in_the_report():
+    from fedus.reports.sections import card_rows
+
+    card = _card_of({"GE": 9, "Acme": 6})  # no model, transducer or photometric recorded
+    line = render_line(card)
+    assert line == ("15 files, 15 images; burned-in annotation: 0; manufacturer: GE (9), Acme (6); frames: 1 (15); "
+                    "image size: 80x64 (15); not recorded: model, transducer, photometric"), line
+    rows = card_rows({"sites": {"a": {"n_train": 6, "data_card": json.dumps(card)}, "b": {"data_card": "{\"v\": 1}"},
+                               "c": {"n_train": 3}}})
+    assert [r[-1] for r in rows] == [line, '{"v": 1}', "no data card recorded"]
 
 
 def test_data_card_resists_subtraction_attack():

@@ -63,9 +63,10 @@ def resolve_manifest(cfg: DataConfig, seed: int) -> Path:
 
 
 def ensure_synthetic_corpus(cfg: DataConfig, seed: int, cache_root: Path | None = None) -> Path:
-    from fedus.data.synthetic import write_synthetic_corpus
+    from fedus.data.synthetic import GENERATOR_VERSION, write_synthetic_corpus
 
-    key = f"{cfg.synthetic_centres}-{cfg.synthetic_images_per_centre}-{cfg.image_size}-{seed}"
+    # the generator's version too: a corpus cached by an older generator is not this one's
+    key = f"{cfg.synthetic_centres}-{cfg.synthetic_images_per_centre}-{cfg.image_size}-{seed}-{GENERATOR_VERSION}"
     root = cache_root or Path(os.environ.get("FEDUS_CACHE", Path.home() / ".cache" / "fedus"))
     target = root / "synthetic" / hashlib.sha1(key.encode()).hexdigest()[:12]
     if not (target / "manifest.csv").is_file():

@@ -39,10 +39,13 @@ from scipy import fft as sfft
 from scipy.ndimage import map_coordinates
 
 GENERATOR_NAME = "fedus.data.synthetic"
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"  # 1.1: intake columns (scanner, probe, size) in the manifest; same pixels
 LABELS = ("normal", "hypoechoic", "hyperechoic")
 TASK = "lesion_segmentation;classification_3class"
-MANIFEST_HEADER = ("image_path", "mask_path", "label", "patient_id", "center", "device", "organ", "task")
+MANIFEST_HEADER = ("image_path", "mask_path", "label", "patient_id", "center", "device", "organ", "task",
+                   # what `fedus intake` records of a PNG, so a site's data card names its simulated scanner
+                   "manufacturer", "model", "transducer", "photometric", "rows", "cols", "n_frames")
+MANUFACTURER = "fedus synthetic"
 NEAR_DUP_R = 0.97  # same threshold as the public corpus' near_duplicates.csv
 _WHITE_DB = 15.0  # display white level, dB above the RMS echo of unit-echogenicity tissue
 
@@ -540,7 +543,8 @@ def write_synthetic_corpus(out_dir: Path, n_centres: int = 3, images_per_centre:
                 img_rel, mask_rel = f"images/c{i}/{k:05d}.png", f"masks/c{i}/{k:05d}.png"
                 Image.fromarray(image).save(out_dir / img_rel)
                 Image.fromarray(mask).save(out_dir / mask_rel)
-                rows.append((img_rel, mask_rel, label, pid, f"synthetic-centre-{i}", profile.name, "synthetic", TASK))
+                rows.append((img_rel, mask_rel, label, pid, f"synthetic-centre-{i}", profile.name, "synthetic", TASK,
+                             MANUFACTURER, profile.name, profile.geometry, "L", size, size, 1))
                 all_imgs.append(image)
                 all_names.append(img_rel)
                 all_pat.append(pid)

@@ -74,7 +74,7 @@ def data_card(manifest: str | Path, k: int = K_ANONYMITY) -> dict:
 
 def card_of_rows(df: pd.DataFrame, k: int = K_ANONYMITY) -> dict:
     """The card of manifest rows already in memory (a site's share of a simulation manifest)."""
-    df = df.astype(str).replace({"nan": "", "None": ""})
+    df = df.astype(str).replace({"nan": "", "None": ""}).reset_index(drop=True)  # rows of two splits may share labels
     get = lambda col: df[col] if col in df.columns else pd.Series([""] * len(df), dtype=str)  # noqa: E731
     files = df.drop_duplicates("source_hash") if "source_hash" in df.columns else df
     fcol = lambda col: list(get(col).loc[files.index])  # noqa: E731
@@ -105,6 +105,22 @@ def render_markdown(card: dict) -> str:
         lines += [f"| {value} | {n} |" for value, n in card["by"][field_name].items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def render_line(card: dict) -> str:
+    """The card in one line, for a report's table cell: fields nobody recorded are named once, not counted."""
+    parts = [f"{card['files']} files, {card['images']} images", f"burned-in annotation: {card['burned_in_annotation']}"]
+    unrecorded = []
+    for field_name in FIELDS:
+        values = card["by"][field_name]
+        label = field_name.replace("_", " ")
+        if set(values) <= {UNKNOWN}:
+            unrecorded.append(label)
+        else:
+            parts.append(f"{label}: " + ", ".join(f"{value} ({n})" for value, n in values.items()))
+    if unrecorded:
+        parts.append("not recorded: " + ", ".join(unrecorded))
+    return "; ".join(parts)
 
 
 def card_paths(folder: Path) -> tuple[Path, Path]:

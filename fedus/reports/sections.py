@@ -14,6 +14,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from fedus.config import ConfigError
+from fedus.intake.card import render_line
 
 NOT_AVAILABLE = "not available in this run"
 MODEL_NAMES = {"teacher": "teacher", "student": "federated student", "local": "local student",
@@ -234,8 +235,17 @@ def card_rows(summary: dict) -> list[list[str]] | None:
                      ", ".join(map(str, classes)) if classes else ("none" if classes == [] else "—"),
                      {True: "yes", False: "no"}.get(info.get("has_masks"), "—"),
                      ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none",
-                     json.dumps(card, sort_keys=True) if card else "no data card recorded"])
+                     _card_cell(card)])
     return rows or None
+
+
+def _card_cell(card: Any) -> str:
+    if not card:
+        return "no data card recorded"
+    try:
+        return render_line(card)
+    except (KeyError, TypeError, AttributeError):  # not this version's card shape: show it as sent
+        return json.dumps(card, sort_keys=True)
 
 
 def evaluation_from_summary(summary: dict) -> dict | None:
