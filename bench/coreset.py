@@ -9,7 +9,8 @@ into each site's keep count; each site then trains one round
 of the same size, (c) all its training images, from the same seeded student, and each
 student's held-out cosine to the teacher on the site's test split is measured (mean over
 sites, weighted by held-out images). Figures: per seed, and mean / std over seeds of the
-paired difference coreset - random.
+paired difference coreset - random. With `--rounds R` the steps are split over R FedAvg rounds
+and every coreset is re-scored each round (`run_seed`); `scoring_s` sums every ranking's scoring.
 
 Cases: teacher = `random` (seeded random-init ViT-Ti, as the tests use) or `fitted`
 (a ResNet-18 stand-in teacher fitted here on the pooled training splits, as the demo
@@ -27,6 +28,7 @@ fitted on the corpus' pooled training splits).
     python bench/coreset.py --preset demo --cases fitted:clean    # the demo's own settings
     python bench/coreset.py --preset demo --cases fitted:clean --seeds 20 --without-full   # paired difference, more seeds
     python bench/coreset.py --preset demo --cases fitted:clean --seeds 10 --without-full --also-prefer hard
+    python bench/coreset.py --preset demo --cases fitted:clean --rounds 3 --without-full --also-prefer hard --seeds 8
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import machine, write_result  # noqa: E402
+from bench.transfer import mean_state  # noqa: E402
 from fedus.config import ConfigError, RunConfig  # noqa: E402
 from fedus.coreset import plan_budget  # noqa: E402
 from fedus.coreset.planted import add_cine_frames, plant  # noqa: E402
@@ -53,7 +56,7 @@ from fedus.site import Site, derived_seed, initial_student, pick_device  # noqa:
 from fedus.teacher_fit import fit_teacher  # noqa: E402
 
 SETTINGS = dict(image_size=32, centres=2, images_per_centre=100, student="resnet10t", head_hidden=128,
-                batch_size=16, steps=30, lr=1e-3, fit_steps=300, fit_lr=1e-3, fitted_blocks="2,")
+                batch_size=16, steps=30, rounds=1, lr=1e-3, fit_steps=300, fit_lr=1e-3, fitted_blocks="2,")
 TEACHERS = {"random": ("vit_tiny_patch16_224", "2"), "fitted": ("resnet18", None)}  # fitted: see teacher_spec
 CASES = ["random:clean", "fitted:clean", "random:planted", "fitted:planted"]  # also: fitted:cine, fitted:corpus
 CORPUS_SITE_COLUMN = "dataset"
@@ -75,7 +78,7 @@ def config(p: dict, manifest: Path, teacher: str, seed: int, budget: float, weig
         f"teacher.arch={arch}", f'teacher.blocks="{blocks}"', f"student.arch={p['student']}",
         f"student.head-hidden={p['head_hidden']}", f"data.image-size={p['image_size']}", f'data.manifest="{manifest}"',
         *data, f"train.batch-size={p['batch_size']}",
-        f"train.local-steps={p['steps']}", f"train.lr={p['lr']}", f"seed={seed}", "rounds=1",
+        f"train.local-steps={p['steps'] // p['rounds']}", f"train.lr={p['lr']}", f"seed={seed}", f"rounds={p['rounds']}",
         "coreset.enabled=true", f"coreset.budget={budget}"] + ([f'teacher.weights="{weights}"'] if weights else []))
 
 
@@ -86,7 +89,14 @@ def held_out_cos(sites: list[Site], states: list[dict]) -> float:
 
 def run_seed(cfg: RunConfig, data: str, full: bool = True, also_prefer: tuple[str, ...] = ()) -> dict:
     """`also_prefer`: further coresets ranked the other way (`coreset.prefer`), named coreset_<prefer>,
-    of the same per-site sizes as the run's own coreset and random subset."""
+    of the same per-site sizes as the run's own coreset and random subset.
+
+    One round (`cfg.rounds` = 1): each site trains once from the seeded student and its own student is
+    evaluated. More rounds: a federation without Flower, every subset in its own: each round every
+    coreset is re-scored with its own global student (`coreset.rescore-every` = 1), the random subset
+    is drawn again at the run's coreset sizes of that round, each site trains `local-steps` from the
+    global student, and FedAvg (weighted by the images trained on, as the server does) makes the next;
+    the last global student is evaluated."""
     n_sites = (len(list_sites(read_manifest(Path(cfg.data.manifest)), cfg.data.site_column)) if data == "corpus"
                else cfg.data.synthetic_centres)
     sites = [Site(cfg, i) for i in range(n_sites)]
@@ -95,26 +105,44 @@ def run_seed(cfg: RunConfig, data: str, full: bool = True, also_prefer: tuple[st
             add_cine_frames(site.data.train, cfg.seed)
     with_planted = data == "planted"
     kinds = [np.array(plant(site.data.train, cfg.seed)) if with_planted else None for site in sites]
+    rankings = {"coreset": cfg.coreset} | {f"coreset_{p}": cfg.coreset.model_copy(update={"prefer": p})
+                                           for p in also_prefer}
+    names = [*rankings, "random"] + (["full"] if full else [])
     start = initial_student(cfg).state_dict()
-    scored = [site.coreset_scores(start, 1) for site in sites]
-    plan = plan_budget([s.sent_histogram(cfg.coreset) for s in scored], cfg.coreset.budget)  # as a federation plans it
-    subsets = {"coreset": [s.select(k, cfg.coreset.quota) for s, k in zip(scored, plan.keep)]}
-    for prefer in also_prefer:
-        other = cfg.coreset.model_copy(update={"prefer": prefer})
-        subsets[f"coreset_{prefer}"] = [site.coreset_scores(start, 1, other).select(k, cfg.coreset.quota)
-                                        for site, k in zip(sites, plan.keep)]
+    glob = dict.fromkeys(names, start)
     rng = np.random.default_rng(derived_seed(cfg.seed, "random-subset"))
-    subsets["random"] = [np.sort(rng.choice(len(site.data.train), k, replace=False)) for site, k in zip(sites, plan.keep)]
-    if full:
-        subsets["full"] = [None] * len(sites)
-    row = {"seed": cfg.seed, "n_train": [len(s.data.train) for s in sites], "kept": plan.keep,
-           "threshold": round(plan.threshold, 4), "scoring_s": round(sum(s.seconds for s in scored), 2)}
-    if with_planted:
-        for name in [n for n in subsets if n != "full"]:
-            row[f"planted_in_{name}"] = sum(int((k[idx] != "clean").sum()) for k, idx in zip(kinds, subsets[name]))
-    for name, picks in subsets.items():
-        states = [site.train(start, 1, subset=pick)[0] for site, pick in zip(sites, picks)]
-        row[f"cos_{name}"] = round(held_out_cos(sites, states), 5)
+    row = {"seed": cfg.seed, "n_train": [len(s.data.train) for s in sites], "kept": [], "threshold": [],
+           "scoring_s": 0.0} | {f"planted_in_{n}": 0 for n in names if with_planted and n != "full"}
+    for r in range(1, cfg.rounds + 1):
+        subsets, plan = {}, None
+        for name, ranking in rankings.items():
+            scored = [site.coreset_scores(glob[name], r, ranking) for site in sites]
+            row["scoring_s"] += sum(s.seconds for s in scored)
+            if plan is None:  # the run's own coreset plans the sizes, as a federation would (sent histograms)
+                plan = plan_budget([s.sent_histogram(cfg.coreset) for s in scored], cfg.coreset.budget)
+            subsets[name] = [s.select(k, cfg.coreset.quota) for s, k in zip(scored, plan.keep)]
+        subsets["random"] = [np.sort(rng.choice(len(site.data.train), k, replace=False))
+                             for site, k in zip(sites, plan.keep)]
+        if full:
+            subsets["full"] = [None] * len(sites)
+        row["kept"].append(plan.keep)
+        row["threshold"].append(round(plan.threshold, 4))
+        if with_planted:
+            for name in (n for n in subsets if n != "full"):
+                row[f"planted_in_{name}"] += sum(int((k[idx] != "clean").sum()) for k, idx in zip(kinds, subsets[name]))
+        for name, picks in subsets.items():
+            states = [site.train(glob[name], r, subset=pick)[0] for site, pick in zip(sites, picks)]
+            if cfg.rounds == 1:
+                row[f"cos_{name}"] = round(held_out_cos(sites, states), 5)
+            else:
+                glob[name] = mean_state(states, [len(p) if p is not None else len(s.data.train)
+                                                 for p, s in zip(picks, sites)])
+    if cfg.rounds == 1:  # the committed one-round results' layout
+        row["kept"], row["threshold"] = row["kept"][0], row["threshold"][0]
+    else:
+        for name in names:
+            row[f"cos_{name}"] = round(held_out_cos(sites, [glob[name]] * len(sites)), 5)
+    row["scoring_s"] = round(row["scoring_s"], 2)
     return row
 
 
@@ -143,7 +171,7 @@ def demo_settings() -> dict:
         raise SystemExit(f"the demo's teacher is {c.teacher.arch}; this benchmark fits {TEACHERS['fitted'][0]}")
     return dict(image_size=c.data.image_size, centres=c.data.synthetic_centres,
                 images_per_centre=c.data.synthetic_images_per_centre, student=c.student.arch,
-                head_hidden=c.student.head_hidden, batch_size=c.train.batch_size, steps=c.train.local_steps * c.rounds,
+                head_hidden=c.student.head_hidden, batch_size=c.train.batch_size, steps=c.train.local_steps * c.rounds, rounds=1,
                 lr=c.train.lr, fit_steps=scenario.fit_teacher_steps, fit_lr=scenario.fit_teacher_lr,
                 fitted_blocks=c.teacher.blocks)
 
@@ -157,7 +185,10 @@ def main() -> None:
                     help="small: 2 x 100 images, 32 px (minutes); demo: the demo's settings (synthetic-devices.toml)")
     ap.add_argument("--centres", type=int, default=None)
     ap.add_argument("--images-per-centre", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="local steps of each training run")
+    ap.add_argument("--steps", type=int, default=None, help="local steps of each training run, all rounds together")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="split the steps over this many FedAvg rounds, every coreset re-scored each round "
+                         "(default 1: one site step per site, no aggregation)")
     ap.add_argument("--max-images-per-site", type=int, default=0, help="corpus: whole leakage groups up to N (0: all)")
     ap.add_argument("--without-full", action="store_true",
                     help="train coreset and random subsets only (more seeds for the paired difference in the same time)")
@@ -168,7 +199,9 @@ def main() -> None:
     args = ap.parse_args()
     p = (demo_settings() if args.preset == "demo" else dict(SETTINGS)) | {
         k: v for k, v in (("centres", args.centres), ("images_per_centre", args.images_per_centre),
-                          ("steps", args.steps)) if v is not None} | {"max_images_per_site": args.max_images_per_site}
+                          ("steps", args.steps), ("rounds", args.rounds)) if v is not None} | {"max_images_per_site": args.max_images_per_site}
+    if p["steps"] % p["rounds"]:
+        raise SystemExit(f"error: {p['steps']} steps do not split into {p['rounds']} equal rounds")
     device, t0 = pick_device(), time.perf_counter()
     results, teacher_source = {}, {"random": "random init (seeded); agreement with this teacher, not a foundation model"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,8 +235,12 @@ def main() -> None:
                          "subsets": ["coreset", *(f"coreset_{p}" for p in args.also_prefer), "random"]
                                     + ([] if args.without_full else ["full"]),
                          "coreset": cfg.coreset.model_dump(by_alias=True),
-                         "training": "one site step per site from the seeded round-0 student (no aggregation); "
-                                     "coreset, random and full runs share the student, steps and training seed",
+                         "training": ("one site step per site from the seeded round-0 student (no aggregation)"
+                                      if p["rounds"] == 1 else
+                                      f"{p['rounds']} FedAvg rounds of {p['steps'] // p['rounds']} local steps, each "
+                                      "coreset re-scored every round with its own global student, the random subset "
+                                      "drawn again every round at the coreset's sizes")
+                                     + "; coreset, random and full runs share the student, steps and training seed",
                          "augment_policy": cfg.data.augment_policy, "mixup": cfg.train.mixup},
         "teacher": {name: dict(zip(("arch", "blocks"), teacher_spec(p, name.split()[0]))) | {"weights": source}
                     for name, source in teacher_source.items()},

@@ -33,9 +33,12 @@ PRESETS = {
 VARIANTS = ["fp32", "fp16", INT8_DELTA]
 
 
-def mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The plain (unweighted) mean, in fp32; integer buffers averaged and cast back."""
-    return {k: torch.stack([s[k].double() for s in states]).mean(0).to(states[0][k].dtype) for k in states[0]}
+def mean_state(states: list[dict[str, torch.Tensor]], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """The mean (plain, or weighted as FedAvg weights by examples), in fp64; integer buffers cast back."""
+    w = torch.tensor(weights or [1.0] * len(states), dtype=torch.float64)
+    w = w / w.sum()
+    return {k: torch.einsum("s,s...->...", w, torch.stack([s[k].double() for s in states])).to(states[0][k].dtype)
+            for k in states[0]}
 
 
 def run(dtype: str, sites: list[Site], p: dict) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -320,8 +320,9 @@ class CoresetConfig(_Section):
     quota: float = Field(0.5, ge=0.0, le=1.0, description="share of a site's kept images spread over its clusters by size")
     prefer: Literal["representative", "hard"] = Field(
         "representative", description="representative: near the cluster centre, small gradient (easy "
-        "prototypes); hard: far from it, large gradient (what the student has not learnt yet); both drop "
-        "copies, lone and noisy images")
+        "prototypes; keeps junk out); hard: far from it, large gradient (what the student has not learnt yet; "
+        "re-scored every round it beats a random subset on curated data, see README); both drop copies, lone "
+        "and noisy images")
     duplicate_ratio: float = Field(
         0.25, ge=0.0, description="closer than this x the site's median distance to its duplicate-neighbours-th "
         "nearest neighbour = a duplicate (0 = off)")

@@ -161,7 +161,8 @@ def test_corpus_layout(tmp_path):
     assert manifest == out / "manifest.csv"
     with open(manifest, newline="") as f:
         assert next(csv.reader(f)) == ["image_path", "mask_path", "label", "patient_id", "center", "device",
-                                       "organ", "task"]
+                                       "organ", "task", "manufacturer", "model", "transducer", "photometric",
+                                       "rows", "cols", "n_frames"]
     rows = _read_manifest(manifest)
     assert len(rows) == 30
     names = list(DEVICE_PROFILES)
@@ -174,6 +175,9 @@ def test_corpus_layout(tmp_path):
         assert (mask.max() == 0) == (r["label"] == "normal")
         i = int(r["center"].rsplit("-", 1)[1])
         assert r["image_path"].startswith(f"images/c{i}/") and r["device"] == names[i % len(names)]
+        profile = DEVICE_PROFILES[r["device"]]  # recorded as intake records a PNG, for the data card
+        assert (r["model"], r["transducer"], r["photometric"], r["rows"], r["cols"], r["n_frames"]) == (
+            profile.name, profile.geometry, "L", "32", "32", "1")
         assert r["patient_id"].startswith(f"syn-c{i}-p")
         assert r["organ"] == "synthetic" and r["task"] == "lesion_segmentation;classification_3class"
         assert patient_label.setdefault(r["patient_id"], r["label"]) == r["label"]
