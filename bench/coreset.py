@@ -78,7 +78,8 @@ def config(p: dict, manifest: Path, teacher: str, seed: int, budget: float, weig
         f"teacher.arch={arch}", f'teacher.blocks="{blocks}"', f"student.arch={p['student']}",
         f"student.head-hidden={p['head_hidden']}", f"data.image-size={p['image_size']}", f'data.manifest="{manifest}"',
         *data, f"train.batch-size={p['batch_size']}",
-        f"train.local-steps={p['steps'] // p['rounds']}", f"train.lr={p['lr']}", f"seed={seed}", f"rounds={p['rounds']}",
+        f"train.local-steps={p['steps'] // p['rounds']}", f"train.lr={p['lr']}", f"seed={seed}",
+        f"rounds={p['rounds']}",
         "coreset.enabled=true", f"coreset.budget={budget}"] + ([f'teacher.weights="{weights}"'] if weights else []))
 
 
@@ -171,7 +172,8 @@ def demo_settings() -> dict:
         raise SystemExit(f"the demo's teacher is {c.teacher.arch}; this benchmark fits {TEACHERS['fitted'][0]}")
     return dict(image_size=c.data.image_size, centres=c.data.synthetic_centres,
                 images_per_centre=c.data.synthetic_images_per_centre, student=c.student.arch,
-                head_hidden=c.student.head_hidden, batch_size=c.train.batch_size, steps=c.train.local_steps * c.rounds, rounds=1,
+                head_hidden=c.student.head_hidden, batch_size=c.train.batch_size,
+                steps=c.train.local_steps * c.rounds, rounds=1,
                 lr=c.train.lr, fit_steps=scenario.fit_teacher_steps, fit_lr=scenario.fit_teacher_lr,
                 fitted_blocks=c.teacher.blocks)
 
@@ -199,7 +201,8 @@ def main() -> None:
     args = ap.parse_args()
     p = (demo_settings() if args.preset == "demo" else dict(SETTINGS)) | {
         k: v for k, v in (("centres", args.centres), ("images_per_centre", args.images_per_centre),
-                          ("steps", args.steps), ("rounds", args.rounds)) if v is not None} | {"max_images_per_site": args.max_images_per_site}
+                          ("steps", args.steps), ("rounds", args.rounds)) if v is not None} | {
+        "max_images_per_site": args.max_images_per_site}
     if p["steps"] % p["rounds"]:
         raise SystemExit(f"error: {p['steps']} steps do not split into {p['rounds']} equal rounds")
     device, t0 = pick_device(), time.perf_counter()
