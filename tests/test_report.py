@@ -120,6 +120,21 @@ def test_provenance_verbatim_and_escaped(report):
     assert "n/a (no labels)" in md and "n/a (no masks)" in page
 
 
+def test_provenance_says_which_training_images_a_coreset_run_kept(tmp_path):
+    summary = _summary()
+    summary["config"]["coreset"] = {"enabled": False, "budget": 0.2}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert "every image of each site's train split (no coreset selection)" in write_report(tmp_path)["report_md"].read_text()
+    summary["config"]["coreset"] = {"enabled": True, "budget": 0.2, "prefer": "hard", "rescore-every": 1}
+    for r, kept in ((1, 48), (2, 47)):
+        summary["rounds"][r]["coreset"] = {"rescored": True, "kept": kept, "total": 240}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    paths = write_report(tmp_path)
+    for text in (paths["report_md"].read_text(), paths["report_html"].read_text()):
+        assert ("a coreset (fedus.coreset): 20 % of all sites' training images, ranking 'hard', re-scored every "
+                "1 round(s); kept round 1: 48 of 240; round 2: 47 of 240") in html.unescape(text)
+
+
 def test_png_valid(report):
     data = report["per_round_png"].read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

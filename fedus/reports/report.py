@@ -213,6 +213,7 @@ def _provenance_items(summary: dict) -> list[tuple[str, str]]:
         ("Data", g(d, "source")),
         ("Manifest", f"{g(d, 'manifest')} (site column: {g(d, 'site_column')})"),
         ("Splits", g(prov, "splits")),
+        ("Training images", _training_images_note(summary)),
         ("Seed", "(not recorded)" if seed is None else str(seed)),
         ("Scenario", g(summary, "scenario")),
         ("fedus version", g(summary, "fedus_version")),
@@ -220,6 +221,20 @@ def _provenance_items(summary: dict) -> list[tuple[str, str]]:
         ("Started / finished", f"{g(summary, 'started')} / {g(summary, 'finished')}"),
         ("Evaluation protocol", _protocol_note(summary)),
     ]
+
+
+def _training_images_note(summary: dict) -> str:
+    """A coreset run trained on a fraction of the data: the report must say so, and how much each round kept."""
+    c = (summary.get("config") or {}).get("coreset") or {}
+    if not c:
+        return "(not recorded)"
+    if not c.get("enabled"):
+        return "every image of each site's train split (no coreset selection)"
+    kept = [f"round {e['round']}: {e['coreset'].get('kept')} of {e['coreset'].get('total')}"
+            for e in summary.get("rounds") or [] if isinstance(e.get("coreset"), dict)]
+    return (f"a coreset (fedus.coreset): {c.get('budget', 0) * 100:g} % of all sites' training images, "
+            f"ranking '{c.get('prefer')}', re-scored every {c.get('rescore-every')} round(s); kept "
+            + ("; ".join(kept) if kept else "(not recorded)"))
 
 
 def _protocol_note(summary: dict) -> str:
