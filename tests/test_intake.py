@@ -18,8 +18,7 @@ from dicom_factory import (
     ultrasound_region, us_dataset,
 )
 from fedus.intake import FrameSampling, data_card, render_markdown, scan
-from fedus.intake.card import render_line
-from fedus.intake.card import card_of_rows, check_card
+from fedus.intake.card import card_of_rows, check_card, render_line
 from fedus.intake.readers import SKIP_REASONS
 from fedus.intake.secret import SECRET_FILE
 

@@ -14,7 +14,6 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from fedus.config import ConfigError
-from fedus.intake.card import render_line
 
 NOT_AVAILABLE = "not available in this run"
 MODEL_NAMES = {"teacher": "teacher", "student": "federated student", "local": "local student",
@@ -242,6 +241,8 @@ def card_rows(summary: dict) -> list[list[str]] | None:
 def _card_cell(card: Any) -> str:
     if not card:
         return "no data card recorded"
+    from fedus.intake.card import render_line  # here: that module imports pandas (~0.4 s), which a report needs not
+
     try:
         return render_line(card)
     except (KeyError, TypeError, AttributeError):  # not this version's card shape: show it as sent
